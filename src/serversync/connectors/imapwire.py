@@ -1,0 +1,310 @@
+"""A small asyncio IMAP4rev1 client: the wire, not the sync logic (RFC 3501 / 9051).
+
+Why not aioimaplib: it has neither STARTTLS nor ``AUTHENTICATE PLAIN`` with an
+authorization identity, and both are how a service account reaches a user's mailbox here
+(RFC 4616 authzid, Dovecot master users). This module does only framing: tags, quoting,
+literals (``{n}`` and LITERAL+), continuation requests and the tagged result. Responses come
+back in the shape imaplib produces (bytes lines, ``(prefix, literal)`` tuples), so that
+imapclient's well-tested response parser can read FETCH data (see `connectors.imap`).
+
+Failures become typed errors: the login classifies ``[AUTHENTICATIONFAILED]`` and
+``[AUTHORIZATIONFAILED]``; anything the server refuses raises `ImapNo` with its text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from serversync.connectors.net import ConnectOptions, open_stream, start_tls, translated
+from serversync.core.errors import AuthError, PermanentError, SyncError, TransientError
+from serversync.core.model import AccessMode, Endpoint, TlsMode
+from serversync.core.rules import Login
+
+Item = bytes | tuple[bytes, bytes]
+_LITERAL = re.compile(rb"\{(\d+)\+?\}$")
+_ATOM_SPECIALS = re.compile(rb'[(){ %*"\\\]\x00-\x1f\x7f-\xff]')
+_CODE = re.compile(rb"^\[([A-Z-]+)")
+
+
+class ImapNo(SyncError):
+    """The server answered NO or BAD to a command."""
+
+    code = "imap-refused"
+
+    def __init__(self, command: str, status: str, text: str) -> None:
+        super().__init__(f"IMAP {command} refused: {status} {text}")
+        self.status, self.text = status, text
+        match = _CODE.match(text.encode())
+        self.response_code = match.group(1).decode() if match else ""
+
+
+@dataclass
+class Response:
+    """Everything the server said for one command."""
+
+    status: str
+    text: str
+    untagged: list[list[Item]] = field(default_factory=list)
+
+    def lines(self, keyword: bytes) -> list[list[Item]]:
+        """Untagged responses whose first word (after ``*``) or second word is ``keyword``."""
+        found = []
+        for response in self.untagged:
+            head = response[0] if isinstance(response[0], bytes) else response[0][0]
+            words = head.split(b" ", 2)
+            if keyword.upper() in (w.upper() for w in words[:2]):
+                found.append(response)
+        return found
+
+
+def quote(value: str | bytes) -> bytes:
+    """An IMAP astring: an atom when safe, otherwise a quoted string.
+
+    Values with CR, LF or 8-bit bytes cannot be quoted; `ImapClient.command` sends those as
+    literals (pass them wrapped in `Literal`).
+    """
+    data = value.encode() if isinstance(value, str) else value
+    if data and not _ATOM_SPECIALS.search(data):
+        return data
+    return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+@dataclass(frozen=True, slots=True)
+class Literal:
+    data: bytes
+
+
+def needs_literal(value: str) -> bool:
+    return any(ord(c) > 126 or c in "\r\n\x00" for c in value)
+
+
+class ImapClient:
+    """One IMAP connection. Constructing it does no I/O; `connect()` does."""
+
+    def __init__(self, endpoint: Endpoint, options: ConnectOptions) -> None:
+        self.endpoint = endpoint
+        self.options = options
+        self.capabilities: set[str] = set()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._tag = 0
+
+    # ------------------------------------------------------------ framing
+
+    async def _read_line(self) -> bytes:
+        assert self._reader is not None
+        line = await asyncio.wait_for(self._reader.readuntil(b"\r\n"), self.options.timeout)
+        return line[:-2]
+
+    async def _read_response(self) -> list[Item]:
+        """One logical response line, with its literals read in."""
+        assert self._reader is not None
+        items: list[Item] = []
+        line = await self._read_line()
+        while True:
+            match = _LITERAL.search(line)
+            if match is None:
+                items.append(line)
+                return items
+            size = int(match.group(1))
+            data = await asyncio.wait_for(self._reader.readexactly(size), self.options.timeout)
+            items.append((line, data))
+            line = await self._read_line()
+
+    async def _send(self, data: bytes) -> None:
+        assert self._writer is not None
+        self._writer.write(data)
+        await self._writer.drain()
+
+    def _next_tag(self) -> bytes:
+        self._tag += 1
+        return b"A%04d" % self._tag
+
+    async def command(self, name: str, *args: bytes | Literal, check: bool = True) -> Response:
+        """Send one command and collect every response until its tagged status."""
+        if self._writer is None:
+            raise PermanentError("IMAP client is not connected", code="imap-state")
+        tag = self._next_tag()
+        literal_plus = "LITERAL+" in self.capabilities
+        with translated(self.endpoint, "IMAP"):
+            chunk = tag + b" " + name.encode()
+            for arg in args:
+                if isinstance(arg, Literal):
+                    chunk += b" {%d%s}\r\n" % (len(arg.data), b"+" if literal_plus else b"")
+                    if not literal_plus:
+                        await self._send(chunk)
+                        await self._expect_continuation()
+                        chunk = b""
+                    chunk += arg.data
+                else:
+                    chunk += b" " + arg
+            await self._send(chunk + b"\r\n")
+            return await self._collect(tag, name, check)
+
+    async def _expect_continuation(self) -> None:
+        while True:
+            response = await self._read_response()
+            head = response[0] if isinstance(response[0], bytes) else response[0][0]
+            if head.startswith(b"+"):
+                return
+            if not head.startswith(b"*"):
+                raise ImapNo("literal", "BAD", head.decode(errors="replace"))
+
+    async def _collect(self, tag: bytes, name: str, check: bool) -> Response:
+        untagged: list[list[Item]] = []
+        while True:
+            response = await self._read_response()
+            head = response[0] if isinstance(response[0], bytes) else response[0][0]
+            if head.startswith(tag + b" "):
+                status, _, text = head[len(tag) + 1:].partition(b" ")
+                result = Response(status.decode().upper(), text.decode(errors="replace"),
+                                  untagged)
+                if check and result.status != "OK":
+                    raise ImapNo(name, result.status, result.text)
+                self._capabilities_from(result.text)
+                return result
+            if head.startswith(b"* "):
+                self._capabilities_from_untagged(head)
+                if head.upper().startswith(b"* BYE"):
+                    untagged.append(response)
+                    continue
+                untagged.append(response)
+
+    def _capabilities_from_untagged(self, head: bytes) -> None:
+        if head.upper().startswith(b"* CAPABILITY "):
+            self.capabilities = set(head[13:].decode().upper().split())
+        elif head.upper().startswith(b"* OK [CAPABILITY "):
+            self._capabilities_from(head[5:].decode(errors="replace"))
+
+    def _capabilities_from(self, text: str) -> None:
+        if text.upper().startswith("[CAPABILITY "):
+            self.capabilities = set(text[12:].split("]", 1)[0].upper().split())
+
+    # ------------------------------------------------------------ session
+
+    async def connect(self) -> None:
+        """Open the connection, read the greeting, and upgrade with STARTTLS when asked to."""
+        self._reader, self._writer = await open_stream(self.endpoint, self.options, "IMAP")
+        with translated(self.endpoint, "IMAP"):
+            greeting = await self._read_response()
+        head = greeting[0] if isinstance(greeting[0], bytes) else greeting[0][0]
+        if head.upper().startswith(b"* BYE"):
+            raise TransientError(f"IMAP server at {self.endpoint.host} refused the session: "
+                                 f"{head.decode(errors='replace')}", code="server-busy")
+        if not head.upper().startswith((b"* OK", b"* PREAUTH")):
+            raise PermanentError(f"{self.endpoint.host}:{self.endpoint.port} is not an IMAP "
+                                 "server", fix="check the port", code="not-imap")
+        self._capabilities_from_untagged(head)
+        if not self.capabilities:
+            await self.command("CAPABILITY")
+        if self.endpoint.tls is TlsMode.STARTTLS:
+            if "STARTTLS" not in self.capabilities:
+                raise PermanentError(
+                    f"IMAP server at {self.endpoint.host} does not offer STARTTLS",
+                    fix="use implicit TLS (usually port 993) or enable STARTTLS on the server",
+                    code="tls-unavailable")
+            await self.command("STARTTLS")
+            assert self._writer is not None
+            await start_tls(self._writer, self.endpoint, self.options, "IMAP")
+            await self.command("CAPABILITY")
+
+    async def login(self, login: Login) -> None:
+        """Authenticate as ``login`` says: own, impersonation (authzid / master user), delegate."""
+        secret = login.secret.reveal() if login.secret else ""
+        try:
+            if login.authzid is not None:
+                await self.authenticate_plain(login.authzid, login.user, secret)
+            elif needs_literal(login.user) or needs_literal(secret):
+                await self.command("LOGIN", Literal(login.user.encode()),
+                                   Literal(secret.encode()))
+            else:
+                await self.command("LOGIN", quote(login.user), quote(secret))
+        except ImapNo as exc:
+            raise await self._login_failure(login, exc) from None
+        if "IMAP4REV1" not in self.capabilities or len(self.capabilities) < 3:
+            await self.command("CAPABILITY")
+
+    async def authenticate_plain(self, authzid: str, authcid: str, password: str) -> None:
+        token = base64.b64encode(f"{authzid}\0{authcid}\0{password}".encode())
+        if "SASL-IR" in self.capabilities:
+            await self.command("AUTHENTICATE", b"PLAIN", token)
+            return
+        tag = self._next_tag()
+        with translated(self.endpoint, "IMAP"):
+            await self._send(tag + b" AUTHENTICATE PLAIN\r\n")
+            await self._expect_continuation()
+            await self._send(token + b"\r\n")
+            await self._collect(tag, "AUTHENTICATE", True)
+
+    async def xoauth2(self, user: str, token: str) -> None:
+        payload = base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+        try:
+            await self.command("AUTHENTICATE", b"XOAUTH2", payload)
+        except ImapNo as exc:
+            raise AuthError(f"IMAP XOAUTH2 login of {user} was refused: {exc.text}",
+                            fix="check the OAuth grant and scopes for this mailbox") from None
+
+    async def _login_failure(self, login: Login, exc: ImapNo) -> SyncError:
+        """Tell a wrong password apart from a service account that may not impersonate."""
+        where = f"{self.endpoint.host}:{self.endpoint.port}"
+        if exc.response_code in ("UNAVAILABLE", "INUSE", "LIMIT"):
+            return TransientError(f"IMAP login at {where} deferred: {exc.text}",
+                                  code="server-busy")
+        if login.mode is AccessMode.IMPERSONATION:
+            service = login.service or login.user
+            if exc.response_code == "AUTHORIZATIONFAILED" or await self._service_login_ok(
+                    service, login):
+                return AuthError(
+                    f"IMAP at {where}: service account {service} may not impersonate "
+                    f"{login.target} ({exc.text})",
+                    fix="grant the service account impersonation rights on the server (a "
+                        "Dovecot master user, or SASL authorization for authzid), and check "
+                        "that the user exists", code="impersonation-refused")
+            return AuthError(
+                f"IMAP at {where}: the password of service account {service} was rejected "
+                f"({exc.text})", fix="update the profile's service_secret", code="auth-failed")
+        who = login.user
+        fix = ("update the profile's service_secret" if login.mode is AccessMode.DELEGATION
+               else "update the mailbox's username and secret")
+        return AuthError(f"IMAP at {where}: login of {who} was rejected ({exc.text})",
+                         fix=fix, code="auth-failed")
+
+    async def _service_login_ok(self, service: str, login: Login) -> bool:
+        """Whether the service account's own login works (a second, separate connection)."""
+        probe = ImapClient(self.endpoint, self.options)
+        try:
+            await probe.connect()
+            await probe.command("LOGIN", quote(service),
+                                quote(login.secret.reveal() if login.secret else ""))
+            return True
+        except SyncError:
+            return False
+        finally:
+            await probe.close()
+
+    async def select(self, mailbox: str, *, readonly: bool = True,
+                     extra: Sequence[bytes] = ()) -> Response:
+        return await self.command("EXAMINE" if readonly else "SELECT",
+                                  quote(mailbox.encode("utf-8")), *extra)
+
+    async def logout(self) -> None:
+        if self._writer is None:
+            return
+        try:
+            await asyncio.wait_for(self.command("LOGOUT", check=False), 5)
+        except (TimeoutError, SyncError, OSError):
+            pass
+        await self.close()
+
+    async def close(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 5)
+            except (TimeoutError, OSError):
+                pass

@@ -1,0 +1,119 @@
+"""Opening connections: TLS contexts, timeouts, and translating network failures.
+
+Every connector opens its sockets here so that certificate verification is on by default
+everywhere and every low-level failure becomes the same typed error with the same advice:
+connection refused, host not found, timeout, certificate not trusted, host name mismatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from serversync.core.errors import PermanentError, SyncError, TransientError
+from serversync.core.model import Endpoint, TlsMode
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectOptions:
+    """Per-profile connection settings every connector needs."""
+
+    timeout: float = 30.0
+    ca_file: str | None = None  # extra trust anchor, added to the system store
+    shared_namespace: str = "shared/{user}/"
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verify certificates and host names always; add ``ca_file`` to the system trust store."""
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise PermanentError(f"cannot read the CA file {ca_file}: {exc}",
+                                 fix="point ca_file at a readable PEM certificate",
+                                 code="tls-ca-file") from exc
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _where(endpoint: Endpoint) -> str:
+    return f"{endpoint.host}:{endpoint.port}"
+
+
+def translate(exc: BaseException, endpoint: Endpoint, what: str) -> SyncError:
+    """Map a socket, TLS or timeout failure to a typed error that says what to fix."""
+    where = _where(endpoint)
+    if isinstance(exc, SyncError):
+        return exc
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code == 62 or "hostname" in str(exc.verify_message).lower():
+            return PermanentError(
+                f"{what} at {where}: the server's TLS certificate does not match the host "
+                f"name {endpoint.host!r} ({exc.verify_message})",
+                fix="connect with the host name the certificate was issued for, or reissue "
+                    "the certificate with this name", code="tls-hostname")
+        return PermanentError(
+            f"{what} at {where}: the server's TLS certificate is not trusted "
+            f"({exc.verify_message})",
+            fix="install a certificate from a trusted CA on the server, or set ca_file on the "
+                "profile to the CA that issued it", code="tls-untrusted")
+    if isinstance(exc, ssl.SSLError):
+        return PermanentError(f"{what} at {where}: TLS handshake failed ({exc.reason})",
+                              fix="check the port and TLS mode (implicit TLS vs STARTTLS)",
+                              code="tls-failed")
+    if isinstance(exc, ConnectionRefusedError):
+        return TransientError(f"{what} at {where}: connection refused",
+                              fix="check the host and port, and that the server is running",
+                              code="connection-refused")
+    if isinstance(exc, socket.gaierror):
+        return TransientError(f"{what}: host {endpoint.host!r} not found ({exc.strerror})",
+                              fix="check the host name in the profile", code="host-not-found")
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return TransientError(f"{what} at {where}: no answer in time",
+                              fix="check the network path and the profile's connection timeout",
+                              code="timeout")
+    if isinstance(exc, asyncio.IncompleteReadError | ConnectionError | EOFError):
+        return TransientError(f"{what} at {where}: the server closed the connection",
+                              fix="retry later; if it persists, check the server's logs",
+                              code="connection-lost")
+    if isinstance(exc, OSError):
+        return TransientError(f"{what} at {where}: {exc.strerror or exc}",
+                              fix="check the network path to the server", code="network")
+    return TransientError(f"{what} at {where}: {type(exc).__name__}: {exc}", code="network")
+
+
+@contextlib.contextmanager
+def translated(endpoint: Endpoint, what: str) -> Iterator[None]:
+    """Re-raise any failure inside the block as a typed `SyncError`."""
+    try:
+        yield
+    except SyncError:
+        raise
+    except (TimeoutError, OSError, EOFError, asyncio.IncompleteReadError) as exc:
+        raise translate(exc, endpoint, what) from exc
+
+
+async def open_stream(endpoint: Endpoint, options: ConnectOptions, what: str,
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection, wrapped in TLS at once for `TlsMode.IMPLICIT`."""
+    context = tls_context(options.ca_file) if endpoint.tls is TlsMode.IMPLICIT else None
+    with translated(endpoint, what):
+        return await asyncio.wait_for(
+            asyncio.open_connection(endpoint.host, endpoint.port, ssl=context,
+                                    server_hostname=endpoint.host if context else None,
+                                    limit=2**20),
+            options.timeout)
+
+
+async def start_tls(writer: asyncio.StreamWriter, endpoint: Endpoint, options: ConnectOptions,
+                    what: str) -> None:
+    """Upgrade a plain connection after STARTTLS/STLS was accepted."""
+    with translated(endpoint, what):
+        await asyncio.wait_for(
+            writer.start_tls(tls_context(options.ca_file), server_hostname=endpoint.host),
+            options.timeout)

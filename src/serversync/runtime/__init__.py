@@ -1,0 +1,1 @@
+"""Scheduling, backoff, push (IMAP IDLE), the local runner and the distributed workers."""

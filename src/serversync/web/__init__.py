@@ -1,0 +1,1 @@
+"""The REST API (FastAPI) and the server-rendered admin UI."""
