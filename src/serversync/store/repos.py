@@ -275,11 +275,12 @@ class Repository:
     async def save_party(self, party: Party) -> Party:
         row = await self.session.scalar(
             select(PartyRow).where(PartyRow.kind == party.kind.value, PartyRow.key == party.key))
+        wanted = list(dict.fromkeys(a.strip().lower() for a in party.emails))
         if row is None:
-            row = PartyRow(kind=party.kind.value, key=party.key)
+            row = PartyRow(kind=party.kind.value, key=party.key, emails=[
+                PartyEmailRow(address=a, position=i) for i, a in enumerate(wanted)])
             self.session.add(row)
         row.name, row.tracking_rule = party.name, party.tracking_rule.value
-        wanted = list(dict.fromkeys(a.strip().lower() for a in party.emails))
         if [e.address for e in row.emails] != wanted:
             row.emails.clear()
             await self.session.flush()  # delete the old rows before inserting the new ones
