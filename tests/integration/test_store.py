@@ -83,3 +83,43 @@ async def test_directory_resolution_by_address(db: Database) -> None:
         found = await repo.parties_by_address(["DANA@x.example", "nobody@x.example"])
     assert sorted(p.kind.value for p in found["dana@x.example"]) == ["contact", "lead"]
     assert found["nobody@x.example"] == []
+
+
+async def test_email_activity_round_trip_with_shared_blobs(db: Database) -> None:
+    from serversync.core.email import (
+        Attachment,
+        Direction,
+        EmailActivity,
+        EmailStatus,
+        Recipient,
+        Role,
+    )
+    from serversync.store.emails import EmailStore
+
+    pdf = b"%PDF-1.4 " + bytes(range(256)) * 40
+    activity = EmailActivity(
+        Direction.INCOMING, EmailStatus.RECEIVED, "Quote", "dana@x.example",
+        recipients=(Recipient(Role.TO, "Alice@Example.com", "Alice", "user", "alice"),),
+        message_id="<m1@x.example>", references=("<m0@x.example>",),
+        attachments=(Attachment("q.pdf", "application/pdf", len(pdf), pdf),
+                     Attachment("big.bin", "application/octet-stream", 60_000_000,
+                                notice="larger than the limit; not stored")))
+    async with db.transaction() as repo:
+        emails = EmailStore(repo.session)
+        first = await emails.add(activity)
+        await emails.add(activity)  # same attachment again: one blob
+        blobs = (await repo.session.execute(text("SELECT count(*) FROM blobs"))).scalar_one()
+    assert blobs == 1
+    async with db.transaction() as repo:
+        emails = EmailStore(repo.session)
+        assert first.id is not None
+        loaded = await emails.get(first.id, with_content=True)
+        assert await emails.ids_by_message_ids(["<m1@x.example>"]) == {"<m1@x.example>": first.id}
+        assert await emails.set_status(first.id, EmailStatus.SENT, expected=EmailStatus.RECEIVED)
+        assert not await emails.set_status(first.id, EmailStatus.SENT, expected=EmailStatus.RECEIVED)
+    assert loaded.attachments[0].content == pdf
+    assert loaded.attachments[1].content is None and "limit" in loaded.attachments[1].notice
+    assert loaded.recipients[0].address == "alice@example.com"
+    assert dataclasses.replace(loaded, id=None, created_at=activity.created_at,
+                               attachments=activity.attachments,
+                               recipients=activity.recipients) == activity

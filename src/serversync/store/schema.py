@@ -3,4 +3,4 @@
 Each part of the system keeps its tables in its own module; add new ones here.
 """
 
-from serversync.store import tables  # noqa: F401
+from serversync.store import emails, tables  # noqa: F401
