@@ -62,7 +62,8 @@ SINK = f"sink@{DOMAIN}"  # every non-local recipient is rewritten to sink+<local
 ERIN = f"erin@{OTHER_DOMAIN}"  # outside the service account's impersonation scope
 USERS: dict[str, str] = {
     f"{u}@{DOMAIN}": f"{u}-pw"
-    for u in ("alice", "bob", "carol", "dave", "support", "bench", "sink", "svc", "delegate")
+    for u in ("alice", "bob", "carol", "dave", "support", "bench", "sink", "svc", "delegate",
+              "frank", "grace", "heidi", "ivan", "judy")
 }
 USERS[ERIN] = "erin-pw"
 # folders Dovecot creates for every user (auto = subscribe); reset_mailbox keeps them
