@@ -51,7 +51,8 @@ def translate(exc: BaseException, endpoint: Endpoint, what: str) -> SyncError:
     if isinstance(exc, SyncError):
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
-        if exc.verify_code == 62 or "hostname" in str(exc.verify_message).lower():
+        # 62: X509_V_ERR_HOSTNAME_MISMATCH, 64: X509_V_ERR_IP_ADDRESS_MISMATCH
+        if exc.verify_code in (62, 64) or "mismatch" in str(exc.verify_message).lower():
             return PermanentError(
                 f"{what} at {where}: the server's TLS certificate does not match the host "
                 f"name {endpoint.host!r} ({exc.verify_message})",
