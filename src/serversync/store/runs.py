@@ -1,0 +1,350 @@
+"""Sync runs and per-channel schedules: the tables and all their SQL.
+
+``sync_runs`` records every run of every mailbox channel (start, end, items, failures,
+outcome, error) — the reference's alert wall and "Download Mailbox Details" in one table
+(``dynamics-sss.md`` §4). ``channel_schedules`` holds one row per mailbox channel that has
+ever been scheduled: when it runs next and why, its last success, its backoff and any
+pending "sync now" request; `core.schedule.ScheduleState` is its value type. A channel
+without a row has never run and is due at once.
+
+`RunStore` works on the session of a `store.repos.Repository` (one transaction) and returns
+`core.schedule` types, never rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from serversync.core.errors import NotFound
+from serversync.core.model import ApprovalStatus, Channel, ChannelStatus, SyncMethod
+from serversync.core.schedule import ChannelSchedule, Outcome, Run, ScheduleState
+from serversync.store.repos import utc
+from serversync.store.tables import Base, MailboxRow, ProfileRow
+
+
+class SyncRunRow(Base):
+    __tablename__ = "sync_runs"
+    __table_args__ = (Index("ix_sync_runs_mailbox_channel", "mailbox_id", "channel", "started_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(10))
+    started_at: Mapped[dt.datetime] = mapped_column(index=True)
+    finished_at: Mapped[dt.datetime | None]
+    items: Mapped[int] = mapped_column(Integer, default=0)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str | None] = mapped_column(String(10))  # None while running
+    error_code: Mapped[str | None] = mapped_column(String(50))
+    error: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    worker: Mapped[str] = mapped_column(String(100), default="")
+
+
+class ChannelScheduleRow(Base):
+    __tablename__ = "channel_schedules"
+    __table_args__ = (UniqueConstraint("mailbox_id", "channel", name="uq_channel_schedules_mailbox"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    channel: Mapped[str] = mapped_column(String(10))
+    next_run_at: Mapped[dt.datetime | None] = mapped_column(index=True)
+    last_run_at: Mapped[dt.datetime | None]
+    last_success_at: Mapped[dt.datetime | None]
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    idle_runs: Mapped[int] = mapped_column(Integer, default=0)
+    backoff_until: Mapped[dt.datetime | None]
+    last_error_code: Mapped[str | None] = mapped_column(String(50))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    why: Mapped[str] = mapped_column(Text, default="")
+    requested_at: Mapped[dt.datetime | None]  # a pending "sync now"
+    running_since: Mapped[dt.datetime | None]  # a run is in progress (for the UI)
+
+
+@dataclass(frozen=True, slots=True)
+class DueChannel:
+    """A mailbox channel the scheduler should run now."""
+
+    mailbox: str
+    channel: Channel
+    profile: str
+    next_run_at: dt.datetime | None
+    requested: bool = False
+
+
+_STATE_FIELDS = ("next_run_at", "last_run_at", "last_success_at", "consecutive_failures",
+                 "idle_runs", "backoff_until", "last_error_code", "last_error", "why")
+
+
+def _state(row: ChannelScheduleRow | None) -> ScheduleState:
+    if row is None:
+        return ScheduleState()
+    return ScheduleState(
+        next_run_at=utc(row.next_run_at), last_run_at=utc(row.last_run_at),
+        last_success_at=utc(row.last_success_at), consecutive_failures=row.consecutive_failures,
+        idle_runs=row.idle_runs, backoff_until=utc(row.backoff_until),
+        last_error_code=row.last_error_code, last_error=row.last_error, why=row.why)
+
+
+def _run(row: SyncRunRow, address: str) -> Run:
+    return Run(id=row.id, mailbox=address, channel=Channel(row.channel),
+               started_at=utc(row.started_at) or row.started_at,
+               finished_at=utc(row.finished_at), items=row.items, failures=row.failures,
+               outcome=None if row.outcome is None else Outcome(row.outcome),
+               error_code=row.error_code, error=row.error, detail=row.detail, worker=row.worker)
+
+
+class RunStore:
+    """All SQL for runs and schedules, inside one session (one transaction)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def _mailbox_id(self, address: str) -> int:
+        found = await self.session.scalar(
+            select(MailboxRow.id).where(MailboxRow.address == address.strip().lower()))
+        if found is None:
+            raise NotFound(f"no mailbox {address!r}", fix="list them with: serversync mailbox list")
+        return int(found)
+
+    async def _row(self, mailbox_id: int, channel: Channel) -> ChannelScheduleRow | None:
+        row: ChannelScheduleRow | None = await self.session.scalar(
+            select(ChannelScheduleRow).where(ChannelScheduleRow.mailbox_id == mailbox_id,
+                                             ChannelScheduleRow.channel == channel.value))
+        return row
+
+    async def _row_or_new(self, mailbox_id: int, channel: Channel) -> ChannelScheduleRow:
+        row = await self._row(mailbox_id, channel)
+        if row is None:
+            row = ChannelScheduleRow(mailbox_id=mailbox_id, channel=channel.value,
+                                     consecutive_failures=0, idle_runs=0, why="")
+            self.session.add(row)
+        return row
+
+    # ------------------------------------------------------------ schedule state
+
+    async def state(self, address: str, channel: Channel) -> ScheduleState:
+        return _state(await self._row(await self._mailbox_id(address), channel))
+
+    async def save_state(self, address: str, channel: Channel, state: ScheduleState) -> None:
+        row = await self._row_or_new(await self._mailbox_id(address), channel)
+        for name in _STATE_FIELDS:
+            setattr(row, name, getattr(state, name))
+        await self.session.flush()
+
+    async def request(self, address: str, channel: Channel, now: dt.datetime,
+                      state: ScheduleState) -> None:
+        """Store a "sync now": the new state (due now) and when it was asked for."""
+        row = await self._row_or_new(await self._mailbox_id(address), channel)
+        for name in _STATE_FIELDS:
+            setattr(row, name, getattr(state, name))
+        row.requested_at = now
+        await self.session.flush()
+
+    # ------------------------------------------------------------ runs
+
+    async def start_run(self, address: str, channel: Channel, now: dt.datetime,
+                        worker: str = "") -> int:
+        """Open a run. Runs of this channel still open were interrupted (a killed worker)."""
+        mailbox_id = await self._mailbox_id(address)
+        await self.session.execute(
+            update(SyncRunRow)
+            .where(SyncRunRow.mailbox_id == mailbox_id, SyncRunRow.channel == channel.value,
+                   SyncRunRow.outcome.is_(None))
+            .values(outcome=Outcome.TRANSIENT.value, finished_at=now, error_code="interrupted",
+                    error="the run was interrupted (the process stopped or was killed); "
+                          "its uncommitted batch was rolled back and is synced again"))
+        row = SyncRunRow(mailbox_id=mailbox_id, channel=channel.value, started_at=now,
+                         items=0, failures=0, detail="", worker=worker[:100])
+        self.session.add(row)
+        schedule = await self._row_or_new(mailbox_id, channel)
+        schedule.running_since = now
+        # A request made before this run started is served by it.
+        if schedule.requested_at is not None and utc(schedule.requested_at) <= now:  # type: ignore[operator]
+            schedule.requested_at = None
+        await self.session.flush()
+        return row.id
+
+    async def finish_run(self, run_id: int, now: dt.datetime, *, items: int, failures: int,
+                         outcome: Outcome, error_code: str | None = None,
+                         error: str | None = None, detail: str = "") -> Run:
+        row = await self.session.get(SyncRunRow, run_id)
+        if row is None:
+            raise NotFound(f"no sync run {run_id}")
+        row.finished_at, row.items, row.failures = now, items, failures
+        row.outcome, row.error_code, row.error = outcome.value, error_code, error
+        row.detail = detail[:2000]
+        await self.session.execute(
+            update(ChannelScheduleRow)
+            .where(ChannelScheduleRow.mailbox_id == row.mailbox_id,
+                   ChannelScheduleRow.channel == row.channel)
+            .values(running_since=None))
+        await self.session.flush()
+        address = await self.session.scalar(
+            select(MailboxRow.address).where(MailboxRow.id == row.mailbox_id))
+        return _run(row, address or "")
+
+    async def recent(self, *, mailbox: str | None = None, channel: Channel | None = None,
+                     limit: int = 100) -> list[Run]:
+        query = (select(SyncRunRow, MailboxRow.address).join(MailboxRow)
+                 .order_by(SyncRunRow.started_at.desc(), SyncRunRow.id.desc()).limit(limit))
+        if mailbox is not None:
+            query = query.where(MailboxRow.address == mailbox.strip().lower())
+        if channel is not None:
+            query = query.where(SyncRunRow.channel == channel.value)
+        return [_run(r, a) for r, a in (await self.session.execute(query)).all()]
+
+    async def runs_since(self, since: dt.datetime) -> list[Run]:
+        query = (select(SyncRunRow, MailboxRow.address).join(MailboxRow)
+                 .where(SyncRunRow.started_at >= since).order_by(SyncRunRow.started_at))
+        return [_run(r, a) for r, a in (await self.session.execute(query)).all()]
+
+    async def failed_mailboxes(self, profile: str, since: dt.datetime) -> set[str]:
+        """Mailboxes of ``profile`` with a failed run since ``since``."""
+        query = (select(MailboxRow.address).distinct()
+                 .join(SyncRunRow, SyncRunRow.mailbox_id == MailboxRow.id)
+                 .join(ProfileRow, MailboxRow.profile_id == ProfileRow.id)
+                 .where(ProfileRow.name == profile, SyncRunRow.started_at >= since,
+                        SyncRunRow.outcome.in_([Outcome.TRANSIENT.value, Outcome.PERMANENT.value])))
+        return set(await self.session.scalars(query))
+
+    async def prune(self, before: dt.datetime) -> int:
+        """Forget finished runs older than ``before`` (the runs table is a log, not history)."""
+        result: Any = await self.session.execute(
+            delete(SyncRunRow).where(SyncRunRow.started_at < before,
+                                     SyncRunRow.outcome.is_not(None)))
+        return int(result.rowcount or 0)
+
+    # ------------------------------------------------------------ what is due
+
+    @staticmethod
+    def _enabled(channel: Channel, approved_only: bool) -> Any:
+        prefix = channel.value
+        condition = and_(getattr(MailboxRow, f"{prefix}_method") == SyncMethod.SERVER_SIDE.value,
+                         getattr(MailboxRow, f"{prefix}_enabled").is_(True))
+        if approved_only:
+            condition = and_(condition, MailboxRow.approval == ApprovalStatus.APPROVED.value)
+        return condition
+
+    async def due(self, now: dt.datetime, *, approved_only: bool = True,
+                  channels: Sequence[Channel] = tuple(Channel), limit: int = 1000,
+                  exclude: set[tuple[str, Channel]] | None = None) -> list[DueChannel]:
+        """Enabled channels whose time has come (or that never ran), soonest first."""
+        found: list[DueChannel] = []
+        for channel in channels:
+            query = (select(MailboxRow.address, ProfileRow.name, ChannelScheduleRow.next_run_at,
+                            ChannelScheduleRow.requested_at)
+                     .join(ProfileRow, MailboxRow.profile_id == ProfileRow.id)
+                     .outerjoin(ChannelScheduleRow,
+                                and_(ChannelScheduleRow.mailbox_id == MailboxRow.id,
+                                     ChannelScheduleRow.channel == channel.value))
+                     .where(self._enabled(channel, approved_only),
+                            or_(ChannelScheduleRow.id.is_(None),
+                                ChannelScheduleRow.next_run_at.is_(None),
+                                ChannelScheduleRow.next_run_at <= now))
+                     .order_by(ChannelScheduleRow.next_run_at.is_not(None),
+                               ChannelScheduleRow.next_run_at)
+                     .limit(limit))
+            for address, profile, next_run_at, requested_at in (await self.session.execute(query)).all():
+                if exclude and (address, channel) in exclude:
+                    continue
+                found.append(DueChannel(address, channel, profile, utc(next_run_at),
+                                        requested_at is not None))
+        found.sort(key=lambda d: (d.next_run_at is not None,
+                                  d.next_run_at or dt.datetime.min.replace(tzinfo=dt.UTC)))
+        return found[:limit]
+
+    async def next_due_at(self, *, approved_only: bool = True) -> dt.datetime | None:
+        """The earliest next run among enabled channels (None: nothing scheduled)."""
+        best: dt.datetime | None = None
+        for channel in Channel:
+            value = await self.session.scalar(
+                select(func.min(ChannelScheduleRow.next_run_at))
+                .join(MailboxRow, ChannelScheduleRow.mailbox_id == MailboxRow.id)
+                .where(ChannelScheduleRow.channel == channel.value,
+                       self._enabled(channel, approved_only)))
+            value = utc(value)
+            if value is not None and (best is None or value < best):
+                best = value
+        return best
+
+    async def schedules(self, mailbox: str | None = None,
+                        profile: str | None = None) -> list[ChannelSchedule]:
+        """Every server-side channel of every mailbox (or one), with its schedule."""
+        query = select(MailboxRow, ProfileRow.name).join(ProfileRow).order_by(MailboxRow.address)
+        if mailbox is not None:
+            query = query.where(MailboxRow.address == mailbox.strip().lower())
+        if profile is not None:
+            query = query.where(ProfileRow.name == profile)
+        mailboxes = (await self.session.execute(query)).all()
+        ids = [m.id for m, _ in mailboxes]
+        rows: dict[tuple[int, str], ChannelScheduleRow] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            for row in await self.session.scalars(
+                    select(ChannelScheduleRow).where(ChannelScheduleRow.mailbox_id.in_(chunk))):
+                rows[(row.mailbox_id, row.channel)] = row
+        result: list[ChannelSchedule] = []
+        for m, profile_name in mailboxes:
+            for channel in Channel:
+                prefix = channel.value
+                if getattr(m, f"{prefix}_method") != SyncMethod.SERVER_SIDE.value:
+                    continue
+                enabled = bool(getattr(m, f"{prefix}_enabled"))
+                found = rows.get((m.id, prefix))
+                state = _state(found)
+                why = state.why
+                if not enabled:
+                    why = (state.why if state.why.startswith("disabled")
+                           else "disabled: run Test & Enable, or enable the channel")
+                elif m.approval != ApprovalStatus.APPROVED.value:
+                    why = f"waiting for approval of the address ({m.approval})"
+                result.append(ChannelSchedule(
+                    mailbox=m.address, channel=channel, next_run_at=state.next_run_at,
+                    last_success_at=state.last_success_at, last_error=state.last_error,
+                    consecutive_failures=state.consecutive_failures, why=why,
+                    profile=profile_name, enabled=enabled,
+                    status=ChannelStatus(getattr(m, f"{prefix}_status")),
+                    last_run_at=state.last_run_at, last_error_code=state.last_error_code,
+                    backoff_until=state.backoff_until,
+                    requested_at=utc(found.requested_at) if found else None,
+                    running_since=utc(found.running_since) if found else None))
+        return result
+
+    async def mailbox_statuses(self) -> dict[str, int]:
+        """Mailboxes by health: failure if any server-side channel failed, else disabled (no
+        channel enabled), success (every enabled channel succeeded) or not-run."""
+        counts = {"success": 0, "failure": 0, "not-run": 0, "disabled": 0}
+        for m in await self.session.scalars(select(MailboxRow)):
+            synced = [c.value for c in Channel
+                      if getattr(m, f"{c.value}_method") == SyncMethod.SERVER_SIDE.value]
+            enabled = [c for c in synced if getattr(m, f"{c}_enabled")]
+            statuses = {getattr(m, f"{c}_status") for c in enabled}
+            if any(getattr(m, f"{c}_status") == ChannelStatus.FAILURE.value for c in synced):
+                counts["failure"] += 1  # disabled by a failure counts as failing, not disabled
+            elif not enabled:
+                counts["disabled"] += 1
+            elif statuses == {ChannelStatus.SUCCESS.value}:
+                counts["success"] += 1
+            else:
+                counts["not-run"] += 1
+        return counts
