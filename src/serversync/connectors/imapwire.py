@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from serversync.connectors.net import ConnectOptions, open_stream, start_tls, translated
@@ -28,6 +28,8 @@ Item = bytes | tuple[bytes, bytes]
 _LITERAL = re.compile(rb"\{(\d+)\+?\}$")
 _ATOM_SPECIALS = re.compile(rb'[(){ %*"\\\]\x00-\x1f\x7f-\xff]')
 _CODE = re.compile(rb"^\[([A-Z-]+)")
+_STATUS_ITEMS = re.compile(rb"\(([^()]*)\)\s*$")
+_IDLE_EVENT = re.compile(rb"^\* \d+ (EXISTS|EXPUNGE|FETCH|RECENT)|^\* (VANISHED|BYE)", re.IGNORECASE)
 
 
 class ImapNo(SyncError):
@@ -290,6 +292,110 @@ class ImapClient:
                      extra: Sequence[bytes] = ()) -> Response:
         return await self.command("EXAMINE" if readonly else "SELECT",
                                   quote(mailbox.encode("utf-8")), *extra)
+
+    # ------------------------------------------------------------ sync commands
+
+    async def enable(self, *extensions: str) -> set[str]:
+        """ENABLE the extensions the server advertises (RFC 5161); return those enabled.
+
+        QRESYNC implies CONDSTORE (RFC 7162 §3.2.3); a server without ENABLE gets nothing.
+        """
+        wanted = [e for e in extensions if e.upper() in self.capabilities]
+        if not wanted or "ENABLE" not in self.capabilities:
+            return set()
+        response = await self.command("ENABLE", *(e.encode() for e in wanted))
+        enabled: set[str] = set()
+        for line in response.lines(b"ENABLED"):
+            head = line[0] if isinstance(line[0], bytes) else line[0][0]
+            enabled.update(head.decode(errors="replace").upper().split()[2:])
+        return enabled
+
+    async def status(self, mailbox: str, items: Sequence[str] = (
+            "MESSAGES", "UIDNEXT", "UIDVALIDITY")) -> dict[str, int]:
+        """STATUS of a mailbox that need not be selected (RFC 3501 §6.3.10)."""
+        response = await self.command("STATUS", quote(mailbox.encode("utf-8")),
+                                      b"(" + " ".join(items).encode() + b")")
+        found: dict[str, int] = {}
+        for line in response.lines(b"STATUS"):
+            head = line[-1] if isinstance(line[-1], bytes) else line[-1][0]
+            match = _STATUS_ITEMS.search(head)
+            if match:
+                words = match.group(1).decode().split()
+                found.update({k.upper(): int(v) for k, v in zip(words[::2], words[1::2],
+                                                                  strict=False)})
+        return found
+
+    async def append(self, mailbox: str, message: bytes, flags: Sequence[str] = ()) -> Response:
+        """APPEND a message (sent as a literal; LITERAL+ when the server has it)."""
+        args: list[bytes | Literal] = [quote(mailbox.encode("utf-8"))]
+        if flags:
+            args.append(b"(" + " ".join(flags).encode() + b")")
+        return await self.command("APPEND", *args, Literal(message))
+
+    async def uid(self, command: str, *args: bytes | Literal, check: bool = True) -> Response:
+        """``UID FETCH|STORE|MOVE|COPY|SEARCH|EXPUNGE ...`` (RFC 3501 §6.4.8, RFC 6851, 4315)."""
+        return await self.command(f"UID {command.upper()}", *args, check=check)
+
+    async def pipeline(self, commands: Sequence[tuple[str, Sequence[bytes]]],
+                       *, check: bool = True) -> list[Response]:
+        """Send several commands at once, then read their answers in order (RFC 3501 §5.5).
+
+        Pipelining keeps the server streaming while we read: one round trip for many
+        ``UID FETCH`` ranges. Untagged data is attributed to the command being read when it
+        arrives; callers key FETCH results by UID, not by command.
+        """
+        if self._writer is None:
+            raise PermanentError("IMAP client is not connected", code="imap-state")
+        tags: list[tuple[bytes, str]] = []
+        chunk = b""
+        for name, args in commands:
+            tag = self._next_tag()
+            tags.append((tag, name))
+            chunk += tag + b" " + name.encode() + b"".join(b" " + a for a in args) + b"\r\n"
+        with translated(self.endpoint, "IMAP"):
+            await self._send(chunk)
+            return [await self._collect(tag, name, check) for tag, name in tags]
+
+    async def idle_once(self, wait: float) -> list[bytes]:
+        """IDLE until the server reports a change or ``wait`` seconds pass (RFC 2177).
+
+        Returns the untagged lines received (``* 12 EXISTS``, ``* 3 EXPUNGE``, ...), empty
+        after a quiet timeout. The folder must be selected; the session is usable again
+        afterwards (DONE has been answered).
+        """
+        if "IDLE" not in self.capabilities:
+            raise PermanentError(f"IMAP server at {self.endpoint.host} has no IDLE",
+                                 fix="poll instead", code="idle-unavailable")
+        tag = self._next_tag()
+        events: list[bytes] = []
+        with translated(self.endpoint, "IMAP"):
+            await self._send(tag + b" IDLE\r\n")
+            await self._expect_continuation()
+            assert self._reader is not None
+            try:
+                while True:
+                    line = await asyncio.wait_for(self._reader.readuntil(b"\r\n"), wait)
+                    head = line[:-2]
+                    if head.startswith(b"* "):
+                        events.append(head)
+                        if _IDLE_EVENT.search(head):
+                            break
+            except TimeoutError:
+                pass
+            await self._send(b"DONE\r\n")
+            await self._collect(tag, "IDLE", True)
+        return events
+
+    async def idle(self, *, refresh: float = 29 * 60) -> AsyncIterator[list[bytes]]:
+        """Yield the change notifications of the selected folder, forever (IMAP push).
+
+        Re-issues IDLE every ``refresh`` seconds (RFC 2177 asks clients to do so before
+        30 minutes), so NAT boxes and servers do not drop a quiet connection.
+        """
+        while True:
+            events = await self.idle_once(refresh)
+            if events:
+                yield events
 
     async def logout(self) -> None:
         if self._writer is None:
