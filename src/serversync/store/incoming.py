@@ -1,0 +1,418 @@
+"""Incoming sync state: item links, folder cursors, quarantine and loop-guard counters.
+
+* ``incoming_links`` — one row per message processed in a mailbox folder, unique on
+  (mailbox, folder, remote id). A remote id is ``"<UIDVALIDITY>:<UID>"`` on IMAP and the
+  UIDL on POP3. ``email_id`` points at the activity (one activity may be linked from many
+  receiving mailboxes); ``outcome`` says what happened (tracked, linked to an existing
+  activity, skipped by the tracking rules, quarantined). Because every batch commits its
+  links with its activities and cursor, a replayed batch finds its links and does nothing.
+* ``incoming_cursors`` — per (mailbox, folder): UIDVALIDITY, last UID, HIGHESTMODSEQ.
+* ``incoming_quarantine`` — a message that could not be tracked, with its raw bytes (in the
+  content-addressed ``blobs`` table), the error code and reason.
+* ``incoming_loop_guard`` — per sender: activities created in the current window and
+  whether the sender is paused.
+
+Activities are written in bulk here (one multi-row INSERT ... RETURNING per table and batch)
+because the per-row ORM path of `store.emails.EmailStore` costs more than parsing; the rows
+are the same ``emails`` / ``email_recipients`` / ``email_attachments`` / ``blobs`` that
+`EmailStore` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple, cast
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from serversync.core.email import EmailActivity, Regarding
+from serversync.core.tracking import KnownActivity, LoopWindow
+from serversync.store.emails import AttachmentRow, BlobRow, EmailRecipientRow, EmailRow
+from serversync.store.tables import Base
+
+TRACKED, LINKED, SKIPPED, QUARANTINED = "tracked", "linked", "skipped", "quarantined"
+
+
+class IncomingLinkRow(Base):
+    __tablename__ = "incoming_links"
+    __table_args__ = (UniqueConstraint("mailbox_id", "folder", "remote_id",
+                                       name="uq_incoming_links_item"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    folder: Mapped[str] = mapped_column(String(255))
+    remote_id: Mapped[str] = mapped_column(String(255))
+    email_id: Mapped[int | None] = mapped_column(
+        ForeignKey("emails.id", ondelete="SET NULL"), index=True)
+    outcome: Mapped[str] = mapped_column(String(12))
+    raw_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"))
+    created_at: Mapped[dt.datetime] = mapped_column()
+
+
+class IncomingCursorRow(Base):
+    __tablename__ = "incoming_cursors"
+    __table_args__ = (UniqueConstraint("mailbox_id", "folder", name="uq_incoming_cursors_folder"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    folder: Mapped[str] = mapped_column(String(255))
+    uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    highest_modseq: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[dt.datetime] = mapped_column()
+
+
+class QuarantineRow(Base):
+    __tablename__ = "incoming_quarantine"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"),
+                                            index=True)
+    folder: Mapped[str] = mapped_column(String(255))
+    remote_id: Mapped[str] = mapped_column(String(255))
+    raw_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    size: Mapped[int] = mapped_column(Integer)
+    code: Mapped[str] = mapped_column(String(50))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(index=True)
+    released_at: Mapped[dt.datetime | None] = mapped_column()
+
+
+class LoopGuardRow(Base):
+    __tablename__ = "incoming_loop_guard"
+
+    sender: Mapped[str] = mapped_column(String(320), primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column()
+    count: Mapped[int] = mapped_column(Integer, default=0)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Cursor(NamedTuple):
+    uidvalidity: int | None
+    last_uid: int
+    highest_modseq: int | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Quarantined:
+    id: int
+    mailbox_id: int
+    folder: str
+    remote_id: str
+    raw_sha256: str
+    size: int
+    code: str
+    reason: str
+    created_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NewLink:
+    folder: str
+    remote_id: str
+    outcome: str
+    email_index: int | None = None  # index into the batch's new activities ...
+    email_id: int | None = None  # ... or an existing activity
+    raw: bytes | None = None  # kept for audit when the settings say so
+
+
+# Database column limits (PostgreSQL enforces them; SQLite does not).
+_LIMITS = {"subject": None, "sender": 320, "message_id": 998, "conversation_id": 255,
+           "tracking_token": 50, "owner": 255, "regarding_kind": 50, "regarding_key": 255,
+           "sender_mailbox": 320}
+
+
+def clean(text: str | None, limit: int | None = None) -> str | None:
+    """Text any database accepts: no NUL, no lone surrogates, within the column's length."""
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text[:limit] if limit is not None else text
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class IncomingStore:
+    """Reads and writes incoming sync state inside the caller's transaction."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    # ------------------------------------------------------------ cursors and links
+
+    async def cursor(self, mailbox_id: int, folder: str) -> Cursor | None:
+        """(UIDVALIDITY, last UID, HIGHESTMODSEQ) of a folder, if it was synced before."""
+        row = await self.session.scalar(select(IncomingCursorRow).where(
+            IncomingCursorRow.mailbox_id == mailbox_id, IncomingCursorRow.folder == folder))
+        if row is None:
+            return None
+        return Cursor(row.uidvalidity, row.last_uid, row.highest_modseq)
+
+    async def save_cursor(self, mailbox_id: int, folder: str, cursor: Cursor,
+                          now: dt.datetime) -> None:
+        values = {"uidvalidity": cursor.uidvalidity, "last_uid": cursor.last_uid,
+                  "highest_modseq": cursor.highest_modseq, "updated_at": now}
+        result = await self.session.execute(
+            update(IncomingCursorRow).where(IncomingCursorRow.mailbox_id == mailbox_id,
+                                            IncomingCursorRow.folder == folder)
+            .values(**values))
+        if not getattr(result, "rowcount", 0):
+            await self.session.execute(insert(IncomingCursorRow).values(
+                mailbox_id=mailbox_id, folder=folder, **values))
+
+    async def known(self, mailbox_id: int, folder: str, remote_ids: Sequence[str]) -> set[str]:
+        """The remote ids of this folder that already have a link (processed before)."""
+        found: set[str] = set()
+        ids = list(dict.fromkeys(remote_ids))
+        for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+            rows = await self.session.scalars(select(IncomingLinkRow.remote_id).where(
+                IncomingLinkRow.mailbox_id == mailbox_id, IncomingLinkRow.folder == folder,
+                IncomingLinkRow.remote_id.in_(ids[i:i + 900])))
+            found.update(rows)
+        return found
+
+    async def links(self, mailbox_id: int) -> list[tuple[str, str, str, int | None]]:
+        """(folder, remote id, outcome, email id) of a mailbox, for reports and tests."""
+        rows = await self.session.execute(
+            select(IncomingLinkRow.folder, IncomingLinkRow.remote_id, IncomingLinkRow.outcome,
+                   IncomingLinkRow.email_id).where(IncomingLinkRow.mailbox_id == mailbox_id)
+            .order_by(IncomingLinkRow.id))
+        return [(f, r, o, e) for f, r, o, e in rows.all()]
+
+    async def mailboxes_of(self, email_id: int) -> list[int]:
+        rows = await self.session.scalars(select(IncomingLinkRow.mailbox_id).where(
+            IncomingLinkRow.email_id == email_id).distinct())
+        return sorted(rows)
+
+    # ------------------------------------------------------------ lookups for one batch
+
+    async def existing(self, message_ids: Iterable[str],
+                       hashes: Iterable[str]) -> tuple[dict[str, int], dict[str, int]]:
+        """Earliest activity per Message-ID, and per content hash (messages without one)."""
+        by_mid: dict[str, int] = {}
+        by_hash: dict[str, int] = {}
+        mids, hs = sorted(set(message_ids)), sorted(set(hashes))
+        for i in range(0, len(mids), 900):
+            rows = await self.session.execute(
+                select(EmailRow.message_id, func.min(EmailRow.id))
+                .where(EmailRow.message_id.in_(mids[i:i + 900])).group_by(EmailRow.message_id))
+            by_mid.update({m: e for m, e in rows.all() if m is not None})
+        for i in range(0, len(hs), 900):
+            rows = await self.session.execute(
+                select(EmailRow.content_hash, func.min(EmailRow.id))
+                .where(EmailRow.content_hash.in_(hs[i:i + 900]), EmailRow.message_id.is_(None))
+                .group_by(EmailRow.content_hash))
+            by_hash.update({h: e for h, e in rows.all() if h is not None})
+        return by_mid, by_hash
+
+    def _known(self, row: Any, addresses: dict[int, set[str]]) -> KnownActivity:
+        regarding = None
+        if row.regarding_kind and row.regarding_key:
+            regarding = Regarding(row.regarding_kind, row.regarding_key)
+        return KnownActivity(row.id, regarding, row.owner_kind, row.owner, row.subject or "",
+                             frozenset(addresses.get(row.id, set()) | {row.sender}))
+
+    _COLUMNS = (EmailRow.id, EmailRow.message_id, EmailRow.conversation_id,
+                EmailRow.regarding_kind, EmailRow.regarding_key, EmailRow.owner_kind,
+                EmailRow.owner, EmailRow.subject, EmailRow.sender)
+
+    async def correlation_rows(self, message_ids: Sequence[str], ids: Sequence[int],
+                               conversations: Sequence[str]) -> tuple[
+            dict[str, KnownActivity], dict[int, KnownActivity], dict[str, KnownActivity]]:
+        """Earlier activities by Message-ID, by id (tracking tokens), by conversation."""
+        by_mid: dict[str, KnownActivity] = {}
+        by_id: dict[int, KnownActivity] = {}
+        by_conv: dict[str, KnownActivity] = {}
+        conditions = []
+        if message_ids:
+            conditions.append(EmailRow.message_id.in_(sorted(set(message_ids))))
+        if ids:
+            conditions.append(EmailRow.id.in_(sorted(set(ids))))
+        if conversations:
+            conditions.append(EmailRow.conversation_id.in_(sorted(set(conversations))))
+        if not conditions:
+            return by_mid, by_id, by_conv
+        rows = (await self.session.execute(
+            select(*self._COLUMNS).where(or_(*conditions)).order_by(EmailRow.id))).all()
+        for row in rows:
+            known = self._known(row, {})
+            if row.message_id:
+                by_mid.setdefault(row.message_id, known)
+            by_id[row.id] = known
+            if row.conversation_id:
+                by_conv.setdefault(row.conversation_id, known)
+        return by_mid, by_id, by_conv
+
+    async def recent(self, since: dt.datetime, limit: int = 2000) -> list[KnownActivity]:
+        """Smart-matching candidates: the newest activities since ``since``, with addresses."""
+        rows = (await self.session.execute(
+            select(*self._COLUMNS).where(EmailRow.created_at >= since)
+            .order_by(EmailRow.id.desc()).limit(limit))).all()
+        addresses: dict[int, set[str]] = {}
+        if rows:
+            found = await self.session.execute(
+                select(EmailRecipientRow.email_id, EmailRecipientRow.address)
+                .where(EmailRecipientRow.email_id.in_([r.id for r in rows])))
+            for email_id, address in found.all():
+                addresses.setdefault(email_id, set()).add(address)
+        return [self._known(r, addresses) for r in rows]
+
+    # ------------------------------------------------------------ bulk writes
+
+    async def put_blobs(self, contents: Iterable[bytes]) -> dict[bytes, str]:
+        """Store each distinct content once; return content → SHA-256 (for the caller)."""
+        digests: dict[str, bytes] = {}
+        by_content: dict[bytes, str] = {}
+        for content in contents:
+            digest = hashlib.sha256(content).hexdigest()
+            digests.setdefault(digest, content)
+            by_content[content] = digest
+        if not digests:
+            return by_content
+        keys = sorted(digests)
+        present: set[str] = set()
+        for i in range(0, len(keys), 900):
+            present.update(await self.session.scalars(
+                select(BlobRow.sha256).where(BlobRow.sha256.in_(keys[i:i + 900]))))
+        missing = [{"sha256": k, "size": len(digests[k]), "content": digests[k]}
+                   for k in keys if k not in present]
+        if missing:
+            await self.session.execute(insert(BlobRow), missing)
+        return by_content
+
+    async def add_activities(self, activities: Sequence[EmailActivity]) -> list[int]:
+        """Insert activities with their recipients and attachments; ids in input order."""
+        if not activities:
+            return []
+        rows = [{
+            "direction": a.direction.value, "status": a.status.value,
+            "subject": clean(a.subject), "sender": clean(a.sender, 320) or "",
+            "message_id": clean(a.message_id, 998), "in_reply_to": clean(a.in_reply_to),
+            "references": [clean(r) for r in a.references],
+            "conversation_id": clean(a.conversation_id, 255),
+            "tracking_token": clean(a.tracking_token, 50), "sent_at": a.sent_at,
+            "received_at": a.received_at, "body_text": clean(a.body_text),
+            "body_html": clean(a.body_html), "owner_kind": a.owner_kind,
+            "owner": clean(a.owner, 255),
+            "regarding_kind": clean(a.regarding.kind, 50) if a.regarding else None,
+            "regarding_key": clean(a.regarding.key, 255) if a.regarding else None,
+            "correlated_to": a.correlated_to, "correlation": a.correlation.value,
+            "sender_mailbox": clean(a.sender_mailbox, 320), "content_hash": a.content_hash,
+            "notices": [clean(n) for n in a.notices], "created_at": a.created_at,
+        } for a in activities]
+        table = cast(Table, EmailRow.__table__)
+        result = await self.session.execute(
+            insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
+        ids = [int(r[0]) for r in result.all()]
+        recipients = [{"email_id": i, "position": p, "role": r.role.value,
+                       "address": clean(r.address, 320) or "", "name": clean(r.name) or "",
+                       "party_kind": r.party_kind, "party_key": clean(r.party_key, 255)}
+                      for i, a in zip(ids, activities, strict=True)
+                      for p, r in enumerate(a.recipients)]
+        if recipients:
+            await self.session.execute(insert(EmailRecipientRow), recipients)
+        contents = [att.content for a in activities for att in a.attachments
+                    if att.content is not None]
+        digests = await self.put_blobs(contents)
+        attachments = [{"email_id": i, "position": p, "name": clean(att.name) or "",
+                        "content_type": clean(att.content_type, 255) or "",
+                        "size": att.size, "content_id": clean(att.content_id, 998),
+                        "blob_sha256": digests[att.content] if att.content is not None else None,
+                        "notice": clean(att.notice) or ""}
+                       for i, a in zip(ids, activities, strict=True)
+                       for p, att in enumerate(a.attachments)]
+        if attachments:
+            await self.session.execute(insert(AttachmentRow), attachments)
+        return ids
+
+    async def set_correlation(self, email_id: int, correlated_to: int, method: str) -> None:
+        await self.session.execute(update(EmailRow).where(EmailRow.id == email_id).values(
+            correlated_to=correlated_to, correlation=method))
+
+    async def add_links(self, mailbox_id: int, links: Sequence[NewLink], new_ids: Sequence[int],
+                        now: dt.datetime) -> None:
+        raws = await self.put_blobs(link.raw for link in links if link.raw is not None)
+        rows = [{"mailbox_id": mailbox_id, "folder": link.folder, "remote_id": link.remote_id,
+                 "email_id": new_ids[link.email_index] if link.email_index is not None
+                 else link.email_id, "outcome": link.outcome,
+                 "raw_sha256": raws[link.raw] if link.raw is not None else None,
+                 "created_at": now} for link in links]
+        if rows:
+            await self.session.execute(insert(IncomingLinkRow), rows)
+
+    # ------------------------------------------------------------ quarantine
+
+    async def quarantine(self, mailbox_id: int, folder: str, remote_id: str, raw: bytes,
+                         code: str, reason: str, now: dt.datetime) -> None:
+        digest = (await self.put_blobs([raw]))[raw]
+        await self.session.execute(insert(QuarantineRow).values(
+            mailbox_id=mailbox_id, folder=folder, remote_id=remote_id, raw_sha256=digest,
+            size=len(raw), code=code, reason=clean(reason) or "", created_at=now))
+
+    async def quarantined(self, mailbox_id: int | None = None,
+                          include_released: bool = False) -> list[Quarantined]:
+        query = select(QuarantineRow).order_by(QuarantineRow.id)
+        if mailbox_id is not None:
+            query = query.where(QuarantineRow.mailbox_id == mailbox_id)
+        if not include_released:
+            query = query.where(QuarantineRow.released_at.is_(None))
+        return [Quarantined(r.id, r.mailbox_id, r.folder, r.remote_id, r.raw_sha256, r.size,
+                            r.code, r.reason, _utc(r.created_at) or r.created_at)
+                for r in await self.session.scalars(query)]
+
+    async def raw(self, digest: str) -> bytes:
+        row = await self.session.get(BlobRow, digest)
+        return b"" if row is None else row.content
+
+    # ------------------------------------------------------------ loop guard
+
+    async def loop_windows(self, senders: Iterable[str]) -> dict[str, LoopWindow]:
+        wanted = sorted(set(senders))
+        found: dict[str, LoopWindow] = {}
+        for i in range(0, len(wanted), 900):
+            for row in await self.session.scalars(
+                    select(LoopGuardRow).where(LoopGuardRow.sender.in_(wanted[i:i + 900]))):
+                found[row.sender] = LoopWindow(_utc(row.started_at) or row.started_at,
+                                               row.count, row.paused)
+        return found
+
+    async def save_loop_windows(self, windows: dict[str, LoopWindow]) -> None:
+        for sender, window in windows.items():
+            values = {"started_at": window.started_at, "count": window.count,
+                      "paused": window.paused}
+            result = await self.session.execute(
+                update(LoopGuardRow).where(LoopGuardRow.sender == sender).values(**values))
+            if not getattr(result, "rowcount", 0):
+                await self.session.execute(insert(LoopGuardRow).values(sender=sender, **values))
+
+    async def resume_sender(self, sender: str) -> None:
+        await self.session.execute(update(LoopGuardRow).where(LoopGuardRow.sender == sender)
+                                   .values(paused=False, count=0))
+
+
