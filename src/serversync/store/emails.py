@@ -205,6 +205,22 @@ class EmailStore:
                     contents[att.blob_sha256] = await self.get_blob(att.blob_sha256)
         return self._activity(row, contents)
 
+    async def get_many(self, email_ids: Sequence[int], *,
+                       with_content: bool = False) -> dict[int, EmailActivity]:
+        """Several activities in a few queries (rows, then every needed blob at once)."""
+        if not email_ids:
+            return {}
+        rows = list(await self.session.scalars(
+            select(EmailRow).where(EmailRow.id.in_(list(email_ids)))))
+        contents: dict[str, bytes] = {}
+        if with_content:
+            digests = {a.blob_sha256 for r in rows for a in r.attachments if a.blob_sha256}
+            if digests:
+                contents = dict((await self.session.execute(
+                    select(BlobRow.sha256, BlobRow.content)
+                    .where(BlobRow.sha256.in_(digests)))).tuples().all())
+        return {r.id: self._activity(r, contents) for r in rows}
+
     async def find_by_message_id(self, message_id: str) -> EmailActivity | None:
         row = await self.session.scalar(
             select(EmailRow).where(EmailRow.message_id == message_id).order_by(EmailRow.id)
