@@ -3,15 +3,28 @@
 A small asyncio client for the same reason as `connectors.imapwire`: poplib blocks, and
 impersonation needs ``AUTH PLAIN`` with an authorization identity. POP3 has one folder, so
 delegation (shared folders) does not exist here: a delegation profile cannot use POP3.
+
+`Pop3Source` is the incoming `MailSource`: UIDL-based (the item links of processed UIDLs
+are the cursor), RETR in batches, optional DELE of processed mail for queue mailboxes —
+deletions happen at QUIT, after the batch is committed, and a crash before QUIT leaves the
+mail on the server, where the next run recognises it by UIDL and deletes it then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator, Sequence
 
 from serversync.connectors.net import ConnectOptions, open_stream, start_tls, translated
-from serversync.connectors.protocols import ProbeResult
+from serversync.connectors.protocols import (
+    Disposition,
+    FetchBatch,
+    FolderCursor,
+    KnownFilter,
+    ProbeResult,
+    RemoteMessage,
+)
 from serversync.core.errors import AuthError, PermanentError, SyncError, TransientError
 from serversync.core.model import AccessMode, Channel, Endpoint, Mailbox, Profile, TlsMode
 from serversync.core.rules import Login
@@ -115,6 +128,31 @@ class Pop3Client:
         count, size = (await self.command("STAT")).split()[:2]
         return int(count), int(size)
 
+    async def uidl(self) -> list[tuple[int, str]]:
+        """(message number, unique id) of every message in the maildrop (RFC 1939 §7)."""
+        try:
+            lines = await self.multiline("UIDL")
+        except Pop3Error as exc:
+            raise PermanentError(f"POP3 server at {self.endpoint.host} has no UIDL, so "
+                                 f"new mail cannot be told from old ({exc.message})",
+                                 fix="enable UIDL on the server, or use IMAP", code="no-uidl"
+                                 ) from None
+        found = []
+        for line in lines:
+            number, _, uid = line.decode(errors="replace").partition(" ")
+            if number.isdigit() and uid.strip():
+                found.append((int(number), uid.strip()))
+        return found
+
+    async def retr(self, number: int) -> bytes:
+        """One whole message, dot-unstuffed, with CRLF line ends."""
+        lines = await self.multiline(f"RETR {number}")
+        return b"\r\n".join(lines) + b"\r\n" if lines else b""
+
+    async def dele(self, number: int) -> None:
+        """Mark a message deleted; the server removes it at QUIT (the UPDATE state)."""
+        await self.command(f"DELE {number}")
+
     async def quit(self) -> None:
         if self._writer is None:
             return
@@ -147,3 +185,49 @@ async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Log
     return ProbeResult(f"POP3 ({profile.incoming.tls.value}) {profile.incoming.host}:"
                        f"{profile.incoming.port} as {login.mode.value}: {count} messages, "
                        f"{size} bytes")
+
+
+class Pop3Source:
+    """A POP3 maildrop as a `MailSource` with the single folder INBOX."""
+
+    def __init__(self, profile: Profile, mailbox: Mailbox, login: Login,
+                 options: ConnectOptions, *, delete_processed: bool = False) -> None:
+        assert profile.incoming is not None
+        self.mailbox = mailbox
+        self.login = login
+        self.delete_processed = delete_processed
+        self.client = Pop3Client(profile.incoming, options)
+        self._numbers: dict[str, int] = {}
+
+    async def open(self) -> None:
+        await self.client.connect()
+        await self.client.login(self.login)
+
+    async def close(self) -> None:
+        await self.client.quit()  # QUIT commits the DELEs of this session
+
+    async def resolve_folder(self, folder: str) -> str:
+        if folder.upper() != "INBOX":
+            raise PermanentError(f"POP3 has only the INBOX, not {folder!r}",
+                                 fix="set the mailbox's folders to [INBOX]", code="folder-missing")
+        return "INBOX"
+
+    async def fetch(self, folder: str, cursor: FolderCursor | None, *, batch_size: int,
+                    known: KnownFilter) -> AsyncIterator[FetchBatch]:
+        listing = await self.client.uidl()
+        self._numbers = {uid: number for number, uid in listing}
+        done = await known([uid for _, uid in listing])
+        if self.delete_processed:
+            # processed in an earlier run that ended before QUIT: delete them now
+            for uid in sorted(done):
+                await self.client.dele(self._numbers[uid])
+        new = [(n, uid) for n, uid in listing if uid not in done]
+        for i in range(0, len(new), batch_size):
+            messages = [RemoteMessage("INBOX", uid, await self.client.retr(n))
+                        for n, uid in new[i:i + batch_size]]
+            yield FetchBatch("INBOX", messages, FolderCursor())
+
+    async def finish(self, folder: str, dispositions: Sequence[Disposition]) -> None:
+        for d in dispositions:
+            if d.action == "delete" and d.remote_id in self._numbers:
+                await self.client.dele(self._numbers.pop(d.remote_id))
