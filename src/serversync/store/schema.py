@@ -5,5 +5,6 @@ Each part of the system keeps its tables in its own module; add new ones here.
 
 from serversync.store import emails, tables  # noqa: F401
 from serversync.store import incoming  # noqa: F401
+from serversync.store import outgoing  # noqa: F401
 from serversync.store import runs  # noqa: F401
 from serversync.store import web  # noqa: F401
