@@ -7,9 +7,9 @@ tests import it; nothing else does.
 from __future__ import annotations
 
 from serversync.config import Settings
-from serversync.connectors import dav, imap, pop3, smtp
-from serversync.core.model import Channel, ServerKind
-from serversync.services import ProberRegistry, Services
+from serversync.connectors import alertmail, dav, imap, imappush, pop3, smtp
+from serversync.core.model import Alert, Channel, Profile, ServerKind
+from serversync.services import ProberRegistry, Services, connect_options
 from serversync.store.crypto import load_keyring
 from serversync.store.db import Database
 
@@ -20,6 +20,14 @@ PROBERS: ProberRegistry = {
     (ServerKind.POP3, Channel.INCOMING): pop3.probe,
     (ServerKind.POP3, Channel.OUTGOING): smtp.probe,
 }
+
+# Push watchers per server kind (runtime.push); other kinds are polled.
+PUSHERS = {ServerKind.IMAP: imappush.watch}
+
+
+async def mail_alert(profile: Profile, alert: Alert) -> None:
+    """Email a profile-level alert to the profile's owner (services.runs.ChannelRunner)."""
+    await alertmail.send(profile, alert, connect_options(profile))
 
 
 def database(settings: Settings) -> Database:
