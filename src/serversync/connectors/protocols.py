@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from serversync.connectors.net import ConnectOptions
+from serversync.core.act import ItemKind, Record
+from serversync.core.errors import ItemError
 from serversync.core.model import Channel, Mailbox, Profile
 from serversync.core.rules import Login
 
@@ -114,3 +116,78 @@ class MailSource(Protocol):
               known: KnownFilter) -> AsyncIterator[FetchBatch]: ...
 
     async def finish(self, folder: str, dispositions: Sequence[Disposition]) -> None: ...
+
+
+# ---------------------------------------------------------------- appointments, contacts, tasks
+
+@dataclass(frozen=True, slots=True)
+class ItemCollection:
+    """One server collection that holds items of some kinds (a calendar, a task list, an
+    address book; an EWS or Graph folder). ``href`` is its stable id on the server."""
+
+    href: str
+    kinds: frozenset[ItemKind]
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ItemChanges:
+    """What changed in a collection since ``token``. With ``complete`` the listing is the
+    whole collection (first sync, an expired token, or a server without change tracking):
+    every item not in ``changed`` is gone, and ``deleted`` is empty."""
+
+    token: str | None  # the cursor to store once these changes are applied
+    changed: Sequence[tuple[str, str]]  # (href, etag) of new or changed items
+    deleted: Sequence[str]  # hrefs
+    complete: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedItem:
+    """One item read from the server: its record, or why it cannot be read (``problem``), and
+    the raw data either way so that a bad item can be quarantined as it was."""
+
+    href: str
+    etag: str
+    raw: bytes
+    record: Record | None
+    problem: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenItem:
+    href: str
+    etag: str | None  # None when the server did not return one (read it on the next sync)
+    hash: str  # `core.act.content_hash` of the record as the server now holds it
+
+
+class PreconditionFailed(ItemError):
+    """If-Match / If-None-Match failed: the server's copy changed under us. Item-level: skip
+    the item, the next sync sees the change and plans again."""
+
+
+class ItemStore(Protocol):
+    """A user's appointments, contacts and tasks on a server (CalDAV/CardDAV, EWS, Graph).
+
+    Stores make no decisions: they list changes since a cursor, read items in bulk, and write
+    or delete one item guarded by its etag. The planner (`core.plan`) decides; the service
+    keeps status and cursors in its own transaction.
+    """
+
+    async def collections(self, kinds: Sequence[ItemKind]) -> dict[ItemKind, ItemCollection]:
+        """The collection to sync for each kind, created when the user has none."""
+        ...
+
+    async def changes(self, collection: ItemCollection, token: str | None) -> ItemChanges: ...
+
+    async def get_many(self, collection: ItemCollection,
+                       hrefs: Sequence[str]) -> list[FetchedItem]: ...
+
+    async def put(self, collection: ItemCollection, record: Record, *, href: str | None,
+                  if_match: str | None, invitations: bool) -> WrittenItem:
+        """Create (``href`` None: If-None-Match) or replace (If-Match ``if_match``) one item."""
+        ...
+
+    async def delete(self, href: str, *, if_match: str | None) -> None:
+        """Delete one item; an item already gone is not an error."""
+        ...
