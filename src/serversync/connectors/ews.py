@@ -1,0 +1,514 @@
+"""Exchange Server on-premises over Exchange Web Services, through exchangelib.
+
+exchangelib is blocking (requests), so every call runs in a worker thread
+(`asyncio.to_thread`); nothing here touches the network at import or in a constructor. The
+seed's three ways in map onto exchangelib's two access types:
+
+* profile credentials, Use Impersonation = Yes → ``IMPERSONATION``: the service account logs
+  in and every request carries the ``ExchangeImpersonation`` SOAP header naming the mailbox
+  (the account needs the ApplicationImpersonation role on-premises);
+* profile credentials, Use Impersonation = No → ``DELEGATE``: the service account's own
+  login, opening the user's folders by naming their mailbox (delegate rights, email only —
+  `core.rules.act_problem` refuses appointments, contacts and tasks before we get here);
+* per-mailbox credentials → ``DELEGATE`` with the user's own login (their own mailbox).
+
+Operations follow Microsoft's EWS reference: GetFolder (probe), SyncFolderItems (incoming;
+its SyncState is the cursor, returned to the caller, never kept here), GetItem with
+MimeContent, CreateItem with SendAndSaveCopy (outgoing) and SaveOnly (appointments,
+contacts, tasks), UpdateItem, DeleteItem. Throttling (``ErrorServerBusy``) becomes a
+`TransientError` carrying the server's ``BackOffMilliseconds`` as ``retry_after``; we run
+exchangelib with ``FailFast`` so that backing off is the runtime's job, not a sleeping
+thread's.
+
+TLS: exchangelib's HTTP adapter is process-wide, so `_TrustAdapter` looks up the profile's
+extra CA per endpoint; plain ``http://`` EWS URLs need the profile's ``allow_plaintext``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import requests
+import requests.adapters
+from exchangelib import (
+    DELEGATE,
+    IMPERSONATION,
+    Account,
+    CalendarItem,
+    Configuration,
+    Contact,
+    Credentials,
+    FailFast,
+    Message,
+    Task,
+    Version,
+)
+from exchangelib import errors as ews_errors
+from exchangelib.folders import Calendar, Contacts, Inbox, SentItems, Tasks
+from exchangelib.indexed_properties import EmailAddress
+from exchangelib.items import SEND_AND_SAVE_COPY, SEND_TO_NONE
+from exchangelib.properties import ItemId
+from exchangelib.protocol import BaseProtocol
+from exchangelib.services import CreateItem, SyncFolderItems
+from exchangelib.version import EXCHANGE_2013_SP1
+
+from serversync.connectors.net import ConnectOptions, translate
+from serversync.connectors.protocols import ProbeResult
+from serversync.core.errors import (
+    AuthError,
+    ConfigError,
+    ItemError,
+    NotFound,
+    PermanentError,
+    SyncError,
+    TransientError,
+)
+from serversync.core.model import AccessMode, Channel, Endpoint, Mailbox, Profile
+from serversync.core.rules import Login
+
+T = TypeVar("T")
+FolderName = Literal["inbox", "sentitems", "calendar", "contacts", "tasks"]
+_FOLDERS: dict[str, Any] = {"inbox": Inbox, "sentitems": SentItems, "calendar": Calendar,
+                            "contacts": Contacts, "tasks": Tasks}
+ITEM_FIELDS: dict[str, tuple[str, ...]] = {
+    # The fields we read and write per kind (exchangelib field names); see `to_fields`.
+    "calendar": ("subject", "start", "end", "location", "body", "categories", "is_all_day"),
+    "contacts": ("given_name", "surname", "display_name", "company_name", "email_addresses",
+                 "categories", "body"),
+    "tasks": ("subject", "due_date", "status", "body", "categories", "complete_date"),
+}
+# The minimum we support (the reference's matrix: Exchange 2013 SP1, 2016, 2019). Fixing
+# it saves the version-guessing round trip and keeps our requests the same on every server.
+SERVER_VERSION = Version(build=EXCHANGE_2013_SP1)
+
+
+# ---------------------------------------------------------------- values returned
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of a SyncFolderItems answer."""
+
+    kind: Literal["create", "update", "delete", "read_flag_change"]
+    item_id: str
+    change_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPage:
+    """A page of changes and the SyncState to continue from (the cursor)."""
+
+    changes: tuple[Change, ...]
+    cursor: str
+    more: bool  # IncludesLastItemInRange was false: ask again with ``cursor``
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteItem:
+    """An appointment, contact or task as Exchange holds it."""
+
+    item_id: str
+    change_key: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class StaleCursor(TransientError):
+    """The server no longer accepts the SyncState: start a full sync with no cursor."""
+
+    code = "cursor-invalid"
+
+
+class ChangeKeyConflict(SyncError):
+    """The item changed on the server since we read it (UpdateItem NeverOverwrite)."""
+
+    code = "conflict"
+
+
+# ---------------------------------------------------------------- TLS and endpoints
+
+_TRUST: dict[tuple[str, int], str] = {}
+_TRUST_LOCK = threading.Lock()
+
+
+class _TrustAdapter(requests.adapters.HTTPAdapter):
+    """Verify certificates always; add the profile's CA file for its EWS host."""
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        parts = urllib.parse.urlsplit(url)
+        ca_file = _TRUST.get(((parts.hostname or "").lower(), parts.port or 443))
+        super().cert_verify(conn, url, ca_file or verify, cert)
+
+
+def _install_adapter(url: str, ca_file: str | None) -> None:
+    with _TRUST_LOCK:
+        BaseProtocol.HTTP_ADAPTER_CLS = _TrustAdapter
+        if ca_file:
+            parts = urllib.parse.urlsplit(url)
+            _TRUST[((parts.hostname or "").lower(), parts.port or 443)] = ca_file
+
+
+def endpoint_of(url: str) -> Endpoint:
+    parts = urllib.parse.urlsplit(url)
+    return Endpoint(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+
+
+def check_url(profile: Profile) -> str | None:
+    """The fixed EWS URL, refusing plain http unless the profile opted in."""
+    url = profile.ews_url
+    if not url:
+        return None
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in ("http", "https"):
+        raise ConfigError("ews_url", f"{url!r} is not an http(s) URL",
+                          fix="use https://<host>/EWS/Exchange.asmx")
+    if scheme == "http" and not profile.allow_plaintext:
+        raise ConfigError("ews_url", "plain http sends passwords unencrypted",
+                          fix="use https, or set allow_plaintext: true to opt in explicitly")
+    return url
+
+
+def access_type(login: Login) -> str:
+    """exchangelib's access type for a `Login` — explicit, never inferred from credentials."""
+    return str(IMPERSONATION if login.mode is AccessMode.IMPERSONATION else DELEGATE)
+
+
+def login_name(login: Login) -> str:
+    """Who authenticates over HTTP: the service account for impersonation and delegation."""
+    if login.mode in (AccessMode.IMPERSONATION, AccessMode.DELEGATION) and login.service:
+        return login.service
+    return login.user
+
+
+# ---------------------------------------------------------------- errors
+
+def classify(exc: BaseException, login: Login, where: str) -> SyncError:
+    """Map an exchangelib failure to a typed error that says what to fix."""
+    who, target = login_name(login), login.target
+    if isinstance(exc, SyncError):
+        return exc
+    if isinstance(exc, ews_errors.ErrorServerBusy):
+        return TransientError(
+            f"EWS at {where} is throttling {who} (ErrorServerBusy)",
+            fix="nothing to do: the mailbox is retried after the server's back-off; if it "
+                "persists, lower max_concurrent_connections or review the throttling policy",
+            code="throttled", retry_after=exc.back_off)
+    if isinstance(exc, ews_errors.ErrorImpersonateUserDenied | ews_errors.ErrorImpersonationFailed):
+        return AuthError(
+            f"EWS at {where}: service account {who} may not impersonate {target} "
+            f"({type(exc).__name__})",
+            fix="grant the service account the ApplicationImpersonation role scoped to this "
+                "mailbox (New-ManagementRoleAssignment -Role ApplicationImpersonation -User "
+                f"{who} -CustomRecipientWriteScope …)", code="impersonation-refused")
+    if isinstance(exc, ews_errors.ErrorNonExistentMailbox):
+        return PermanentError(f"EWS at {where}: there is no mailbox for {target} "
+                              "(ErrorNonExistentMailbox)",
+                              fix="check the mailbox's address (its primary SMTP address) and "
+                                  "that the user has an Exchange mailbox on this server",
+                              code="mailbox-not-found")
+    if isinstance(exc, ews_errors.ErrorAccessDenied):
+        if login.mode is AccessMode.DELEGATION:
+            return AuthError(f"EWS at {where}: {who} has no delegate access to {target}'s "
+                             "folders (ErrorAccessDenied)",
+                             fix=f"give {who} delegate (Full Access or folder) permission on "
+                                 f"{target}'s mailbox, or use impersonation",
+                             code="delegate-access-denied")
+        return AuthError(f"EWS at {where}: {who} may not open {target} (ErrorAccessDenied)",
+                         fix="check the account's permissions on this mailbox",
+                         code="permission-denied")
+    if isinstance(exc, ews_errors.ErrorSendAsDenied):
+        return PermanentError(f"EWS at {where}: {who} may not send as {target} "
+                              "(ErrorSendAsDenied)",
+                              fix="grant Send As or Send on Behalf on the mailbox, or use "
+                                  "impersonation", code="send-as-denied")
+    if isinstance(exc, ews_errors.UnauthorizedError):
+        fix = ("update the mailbox's username and secret" if login.mode is AccessMode.OWN
+               else "update the profile's service_user and service_secret")
+        return AuthError(f"EWS at {where}: login of {who} was rejected (401)", fix=fix,
+                         code="auth-failed")
+    if isinstance(exc, ews_errors.ErrorInvalidSyncStateData):
+        return StaleCursor(f"EWS at {where}: the server no longer accepts the sync state of "
+                           f"{target}", fix="nothing to do: the folder is synced again from "
+                                            "the start (already tracked items are skipped)")
+    if isinstance(exc, ews_errors.ErrorIrresolvableConflict):
+        return ChangeKeyConflict(f"EWS at {where}: the item changed on the server meanwhile")
+    if isinstance(exc, ews_errors.ErrorItemNotFound):
+        return NotFound(f"EWS at {where}: item not found in {target}'s mailbox",
+                        code="item-not-found")
+    if isinstance(exc, ews_errors.ErrorMailboxStoreUnavailable
+                  | ews_errors.ErrorMailboxMoveInProgress
+                  | ews_errors.ErrorInternalServerTransientError
+                  | ews_errors.ErrorConnectionFailedTransientError
+                  | ews_errors.ErrorTimeoutExpired):
+        return TransientError(f"EWS at {where}: {type(exc).__name__} for {target}",
+                              code="server-busy")
+    if isinstance(exc, ews_errors.ErrorSubmissionQuotaExceeded):
+        return TransientError(f"EWS at {where}: {target} reached its sending quota",
+                              fix="the message is sent again later", code="send-quota")
+    if isinstance(exc, ews_errors.AutoDiscoverFailed):
+        return PermanentError(f"EWS autodiscover found no server for {target} ({exc})",
+                              fix="set ews_url on the profile (https://<host>/EWS/Exchange.asmx)",
+                              code="autodiscover-failed")
+    if isinstance(exc, requests.exceptions.SSLError):
+        inner = exc.__context__ or (exc.args[0] if exc.args else exc)
+        while isinstance(inner, BaseException) and not isinstance(inner, OSError) \
+                and inner.__context__ is not None:
+            inner = inner.__context__
+        return translate(inner if isinstance(inner, BaseException) else exc,
+                         endpoint_of(where), "EWS")
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return TransientError(f"EWS at {where}: cannot connect ({type(exc).__name__})",
+                              fix="check ews_url and that the server is running",
+                              code="connection-refused")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return TransientError(f"EWS at {where}: no answer in time", code="timeout")
+    if isinstance(exc, ews_errors.ResponseMessageError):
+        return PermanentError(f"EWS at {where}: {type(exc).__name__}: {exc}", code="ews-error")
+    if isinstance(exc, ews_errors.TransportError | ews_errors.EWSError):
+        return TransientError(f"EWS at {where}: {type(exc).__name__}: {exc}",
+                              code="ews-transport")
+    if isinstance(exc, OSError):
+        return translate(exc, endpoint_of(where), "EWS")
+    return PermanentError(f"EWS at {where}: unexpected {type(exc).__name__}: {exc}",
+                          code="ews-error")
+
+
+# ---------------------------------------------------------------- the session
+
+class EwsMailbox:
+    """One mailbox over EWS. Cheap to build; the first call connects (in a thread)."""
+
+    def __init__(self, profile: Profile, login: Login, options: ConnectOptions) -> None:
+        self.profile, self.login, self.options = profile, login, options
+        self._account: Account | None = None
+        self._folders: dict[str, Any] = {}
+
+    @property
+    def where(self) -> str:
+        return self.profile.ews_url or f"autodiscover:{self.login.target}"
+
+    async def _run(self, work: Callable[[], T]) -> T:
+        def guarded() -> T:
+            try:
+                return work()
+            except SyncError:
+                raise
+            except Exception as exc:
+                raise classify(exc, self.login, self.where) from None
+        return await asyncio.to_thread(guarded)
+
+    def _connect(self) -> Account:
+        if self._account is not None:
+            return self._account
+        url = check_url(self.profile)
+        secret = self.login.secret.reveal() if self.login.secret else ""
+        credentials = Credentials(username=login_name(self.login), password=secret)
+        config = Configuration(
+            service_endpoint=url, credentials=credentials, version=SERVER_VERSION,
+            retry_policy=FailFast(), max_connections=self.profile.max_concurrent_connections)
+        _install_adapter(url or "", self.options.ca_file)
+        account = Account(primary_smtp_address=self.login.target, config=config,
+                          credentials=credentials, autodiscover=url is None,
+                          access_type=access_type(self.login))
+        account.protocol.TIMEOUT = self.options.timeout
+        self._account = account
+        return account
+
+    def _folder(self, name: str) -> Any:
+        if name not in self._folders:
+            account = self._connect()
+            self._folders[name] = _FOLDERS[name].get_distinguished(root=account.root)
+        return self._folders[name]
+
+    async def folder_count(self, name: FolderName) -> int:
+        """GetFolder: proves login, access type and mailbox; the folder's item count."""
+        return int(await self._run(lambda: self._folder(name).total_count or 0))
+
+    async def sync(self, name: FolderName, cursor: str | None, max_changes: int = 100,
+                   ) -> SyncPage:
+        """One SyncFolderItems call (IdOnly shape): the changes after ``cursor``."""
+        def work() -> SyncPage:
+            folder = self._folder(name)
+            service = SyncFolderItems(account=self._connect())
+            changes: list[Change] = []
+            for kind, item in service.call(folder=folder, shape="IdOnly",
+                                           additional_fields=set(), sync_state=cursor,
+                                           ignore=None, max_changes_returned=max_changes,
+                                           sync_scope=None):
+                if kind == "delete":
+                    changes.append(Change("delete", item.id))
+                elif kind == "read_flag_change":
+                    changes.append(Change("read_flag_change", item[0].id))
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    changes.append(Change(kind, item.id, item.changekey))
+            return SyncPage(tuple(changes), service.sync_state or cursor or "",
+                            more=not service.includes_last_item_in_range)
+        return await self._run(work)
+
+    async def fetch_mime(self, item_ids: Sequence[str]) -> list[bytes | SyncError]:
+        """GetItem with MimeContent, in order; a missing item is an error in its place."""
+        def work() -> list[bytes | SyncError]:
+            account = self._connect()
+            found: list[bytes | SyncError] = []
+            for item_id, item in zip(item_ids, account.fetch(
+                    ids=[(i, None) for i in item_ids], only_fields=["mime_content"]),
+                    strict=True):
+                if isinstance(item, Exception):
+                    found.append(classify(item, self.login, self.where))
+                elif not item.mime_content:
+                    found.append(ItemError(f"EWS item {item_id} has no MIME content",
+                                           code="no-mime"))
+                else:
+                    mime = item.mime_content
+                    found.append(mime if isinstance(mime, bytes) else mime.encode())
+            return found
+        return await self._run(work)
+
+    async def send(self, mime: bytes, *, save_copy: bool = True) -> None:
+        """CreateItem with SendAndSaveCopy (the copy lands in Sent Items) or SendOnly."""
+        def work() -> None:
+            account = self._connect()
+            message = Message(account=account, mime_content=mime)
+            folder = self._folder("sentitems") if save_copy else None
+            result = CreateItem(account=account).get(
+                items=[message], folder=folder,
+                message_disposition=SEND_AND_SAVE_COPY if save_copy else "SendOnly",
+                send_meeting_invitations=SEND_TO_NONE)
+            if isinstance(result, Exception):
+                raise result
+        await self._run(work)
+
+    # ------------------------------------------------------------ appointments, contacts, tasks
+
+    async def get_items(self, name: FolderName, item_ids: Sequence[str],
+                        ) -> list[RemoteItem | SyncError]:
+        """GetItem for appointments, contacts or tasks, in order."""
+        def work() -> list[RemoteItem | SyncError]:
+            account = self._connect()
+            out: list[RemoteItem | SyncError] = []
+            for item in account.fetch(ids=[(i, None) for i in item_ids]):
+                if isinstance(item, Exception):
+                    out.append(classify(item, self.login, self.where))
+                else:
+                    out.append(RemoteItem(item.id, item.changekey, to_fields(name, item)))
+            return out
+        return await self._run(work)
+
+    async def create_item(self, name: FolderName, fields: dict[str, Any]) -> RemoteItem:
+        """CreateItem (SaveOnly, no meeting invitations) in the calendar, contacts or tasks."""
+        def work() -> RemoteItem:
+            folder = self._folder(name)
+            item = from_fields(name, fields, account=self._connect(), folder=folder)
+            item.save(send_meeting_invitations=SEND_TO_NONE) if name == "calendar" \
+                else item.save()
+            return RemoteItem(item.id, item.changekey, dict(fields))
+        return await self._run(work)
+
+    async def update_item(self, name: FolderName, item_id: str, change_key: str,
+                          fields: dict[str, Any]) -> RemoteItem:
+        """UpdateItem with NeverOverwrite: a stale change key raises `ChangeKeyConflict`."""
+        def work() -> RemoteItem:
+            account = self._connect()
+            item = from_fields(name, fields, account=account, folder=self._folder(name))
+            item._id = ItemId(id=item_id, changekey=change_key)
+            kwargs: dict[str, Any] = {"update_fields": [f for f in fields if f in
+                                                        ITEM_FIELDS[name]],
+                                      "conflict_resolution": "NeverOverwrite"}
+            if name == "calendar":
+                kwargs["send_meeting_invitations"] = SEND_TO_NONE
+            item.save(**kwargs)
+            return RemoteItem(item.id, item.changekey, dict(fields))
+        return await self._run(work)
+
+    async def delete_item(self, name: FolderName, item_id: str) -> None:
+        """DeleteItem (HardDelete; no cancellations sent). A missing item is already gone."""
+        def work() -> None:
+            account = self._connect()
+            item = from_fields(name, {}, account=account, folder=self._folder(name))
+            item._id = ItemId(id=item_id, changekey=None)
+            try:
+                if name == "calendar":
+                    item.delete(send_meeting_cancellations=SEND_TO_NONE)
+                elif name == "tasks":
+                    item.delete(affected_task_occurrences="AllOccurrences")
+                else:
+                    item.delete()
+            except ews_errors.ErrorItemNotFound:
+                return
+        await self._run(work)
+
+    async def close(self) -> None:
+        account, self._account = self._account, None
+        if account is not None:
+            await asyncio.to_thread(account.protocol.close)
+
+
+# ---------------------------------------------------------------- field mapping
+
+def to_fields(name: str, item: Any) -> dict[str, Any]:
+    """The fields we sync, as plain Python values (datetimes in UTC, strings, lists)."""
+    fields: dict[str, Any] = {}
+    for key in ITEM_FIELDS.get(name, ()):
+        value = getattr(item, key, None)
+        if key == "email_addresses":
+            value = [e.email for e in (value or []) if getattr(e, "email", None)]
+        elif isinstance(value, dt.datetime):
+            value = value.astimezone(dt.UTC)
+        elif key == "body" and value is not None:
+            value = str(value)
+        elif key == "categories" and value is None:
+            value = []
+        fields[key] = value
+    return fields
+
+
+def from_fields(name: str, fields: dict[str, Any], *, account: Account, folder: Any) -> Any:
+    """An exchangelib item for ``name`` carrying ``fields`` (unknown keys are refused)."""
+    unknown = set(fields) - set(ITEM_FIELDS[name])
+    if unknown:
+        raise ConfigError("fields", f"not synced for {name}: {', '.join(sorted(unknown))}")
+    values = dict(fields)
+    if "email_addresses" in values:
+        values["email_addresses"] = [
+            EmailAddress(email=address, label=label) for address, label in zip(
+                values["email_addresses"], ("EmailAddress1", "EmailAddress2", "EmailAddress3"),
+                strict=False)]
+    for key in ("start", "end", "complete_date"):
+        if isinstance(values.get(key), dt.datetime):
+            from exchangelib import EWSDateTime
+            values[key] = EWSDateTime.from_datetime(values[key].astimezone(dt.UTC))
+    if "due_date" in values and isinstance(values["due_date"], dt.datetime):
+        from exchangelib import EWSDateTime
+        values["due_date"] = EWSDateTime.from_datetime(values["due_date"].astimezone(dt.UTC))
+    model = {"calendar": CalendarItem, "contacts": Contact, "tasks": Task}[name]
+    return model(account=account, folder=folder, **values)
+
+
+# ---------------------------------------------------------------- Test & Enable
+
+async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Login,
+                options: ConnectOptions) -> ProbeResult:
+    """Open the folders a channel needs (GetFolder); nothing is changed or sent."""
+    ews = EwsMailbox(profile, login, options)
+    try:
+        if channel is Channel.INCOMING:
+            count = await ews.folder_count("inbox")
+            found = f"Inbox ({count} items)"
+        elif channel is Channel.OUTGOING:
+            await ews.folder_count("sentitems")
+            found = "Sent Items (SendAndSaveCopy possible)"
+        else:
+            counts = [await ews.folder_count(name) for name in ("calendar", "contacts", "tasks")]
+            found = "Calendar ({}), Contacts ({}), Tasks ({})".format(*counts)
+    finally:
+        await ews.close()
+    how = {AccessMode.IMPERSONATION: f"impersonating as {login_name(login)}",
+           AccessMode.DELEGATION: f"as delegate {login_name(login)}"}.get(
+        login.mode, f"as {login_name(login)}")
+    return ProbeResult(f"EWS {ews.where}: {mailbox.address} {how}: {found}")

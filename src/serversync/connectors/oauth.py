@@ -1,0 +1,199 @@
+"""OAuth 2.0 access tokens for server-to-server connectors (RFC 6749 §4.4, RFC 7523).
+
+Two grants, both a form POST to a token endpoint over TLS:
+
+* client credentials (RFC 6749 §4.4) — Microsoft identity platform app-only tokens for Graph;
+* JWT bearer assertion (RFC 7523 §2.1) — a Google service account with domain-wide
+  delegation, ``sub`` naming the user to act as (`connectors.gmail` signs the assertion);
+* refresh token (RFC 6749 §6) — per-mailbox consent (3-legged OAuth).
+
+Why not msal: it is synchronous, and before the first token it fetches the authority's
+instance-discovery document from the public cloud, which a loopback test (and an air-gapped
+sovereign-cloud install with an overridden ``token_url``) cannot allow. The client-credentials
+request is one documented POST, so we send it with the same httpx client as the API calls.
+
+Secrets travel only in POST bodies, never in URLs; tokens are `Secret` values, so they cannot
+reach a log line or an error message. Failures are classified from the endpoint's documented
+error codes (``AADSTS7000215`` invalid client secret, ``unauthorized_client`` for Google
+delegation not granted, …) into typed errors that say what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from serversync.connectors.net import translate
+from serversync.core.errors import AuthError, PermanentError, SyncError, TransientError
+from serversync.core.model import Endpoint
+from serversync.core.secret import Secret
+
+EXPIRY_MARGIN_S = 120.0  # refresh this long before the token expires
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    value: Secret
+    expires_at: float  # time.time() seconds
+    claims: Mapping[str, Any] = field(default_factory=dict)  # unverified JWT payload, if any
+
+    def fresh(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) < self.expires_at - EXPIRY_MARGIN_S
+
+    @property
+    def roles(self) -> frozenset[str] | None:
+        """Application permissions in an app-only token (``roles``), when the token says."""
+        roles = self.claims.get("roles")
+        return frozenset(str(r) for r in roles) if isinstance(roles, list) else None
+
+
+def jwt_claims(token: str) -> dict[str, Any]:
+    """The payload of a JWT, unverified: only used to read ``roles`` for better messages."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def _endpoint(url: str) -> Endpoint:
+    parsed = httpx.URL(url)
+    return Endpoint(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80))
+
+
+# ---------------------------------------------------------------- error classification
+
+# Microsoft identity platform error codes (AADSTS…), with what the administrator should do.
+_AADSTS: dict[str, tuple[str, str]] = {
+    "7000215": ("bad-client-secret", "the client secret is wrong: create a new secret in the "
+                "app registration (Certificates & secrets) and update client_secret"),
+    "7000222": ("client-secret-expired", "the client secret has expired: create a new secret "
+                "in the app registration and update client_secret"),
+    "700016": ("app-not-found", "no application with this client_id exists in the tenant: "
+               "check client_id and tenant_id, and that admin consent was granted there"),
+    "90002": ("tenant-not-found", "the tenant does not exist: check tenant_id"),
+    "900023": ("tenant-not-found", "tenant_id is not a valid tenant id or domain"),
+    "7000112": ("app-disabled", "the application is disabled in the tenant: re-enable it"),
+    "50034": ("mailbox-not-found", "the user does not exist in the tenant"),
+    "65001": ("consent-missing", "admin consent has not been granted for this application"),
+}
+
+
+def classify_token_error(status: int, body: bytes, *, what: str,
+                         retry_after: float | None = None) -> SyncError:
+    """A token endpoint's refusal as a typed error (RFC 6749 §5.2 plus vendor codes)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    error = str(data.get("error", ""))
+    description = str(data.get("error_description", "")).split("\r\n", 1)[0]
+    codes = [str(c) for c in data.get("error_codes", []) if c is not None]
+    if not codes and description.startswith("AADSTS"):
+        codes = [description[6:].split(":", 1)[0]]
+    for code in codes:
+        if code in _AADSTS:
+            name, fix = _AADSTS[code]
+            return AuthError(f"{what}: the token endpoint refused the app (AADSTS{code}: "
+                             f"{error})", fix=fix, code=name)
+    if status == 429 or status >= 500 or error == "temporarily_unavailable":
+        return TransientError(f"{what}: token endpoint unavailable ({status})",
+                              code="token-endpoint-busy", retry_after=retry_after)
+    if error == "unauthorized_client":
+        return AuthError(f"{what}: the client may not obtain this token ({description or error})",
+                         fix="for a Google service account, authorize its client id for "
+                             "https://mail.google.com/ in the Workspace admin console "
+                             "(Security → API controls → Domain-wide delegation)",
+                         code="delegation-not-granted")
+    if error == "invalid_client":
+        return AuthError(f"{what}: the client credentials were rejected ({error})",
+                         fix="check client_id and client_secret (or the service account key)",
+                         code="bad-client-secret")
+    if error == "invalid_grant":
+        lowered = description.lower()
+        if "email" in lowered or "user" in lowered:
+            return PermanentError(f"{what}: the user to act as is unknown ({description})",
+                                  fix="check the mailbox address exists in the Workspace domain",
+                                  code="mailbox-not-found")
+        if "signature" in lowered or "jwt" in lowered:
+            return AuthError(f"{what}: the signed assertion was rejected ({description})",
+                             fix="check the service account's private key and client id",
+                             code="bad-client-secret")
+        return AuthError(f"{what}: the grant was rejected ({description or error})",
+                         fix="the refresh token was revoked or expired: sign in again",
+                         code="token-expired")
+    if error == "invalid_scope":
+        return PermanentError(f"{what}: scope refused ({description})",
+                              fix="grant the application the permission it asks for",
+                              code="permission-missing")
+    return AuthError(f"{what}: token request refused ({status} {error})".rstrip(),
+                     fix="check the app registration and its credentials", code="auth-failed")
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+async def request_token(http: httpx.AsyncClient, url: str, form: Mapping[str, str], *,
+                        what: str) -> AccessToken:
+    """POST ``form`` to the token endpoint; the answer as an `AccessToken`."""
+    try:
+        response = await http.post(url, data=dict(form),
+                                   headers={"Accept": "application/json"})
+    except httpx.TransportError as exc:
+        raise translate(exc.__cause__ or exc.__context__ or exc, _endpoint(url), what) from None
+    if response.status_code != 200:
+        raise classify_token_error(response.status_code, response.content, what=what,
+                                   retry_after=retry_after(response))
+    try:
+        data = response.json()
+        value = str(data["access_token"])
+        lifetime = float(data.get("expires_in", 3600))
+    except (ValueError, KeyError, TypeError):
+        raise PermanentError(f"{what}: the token endpoint's answer has no access_token",
+                             fix="check token_url", code="token-endpoint-invalid") from None
+    return AccessToken(Secret(value), time.time() + lifetime, jwt_claims(value))
+
+
+class TokenCache:
+    """Tokens by (endpoint, client, scope, subject), refreshed before they expire.
+
+    One lock per key, so concurrent mailboxes of one profile ask for one token at a time.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[str, ...], AccessToken] = {}
+        self._locks: dict[tuple[str, ...], asyncio.Lock] = {}
+
+    def forget(self, key: tuple[str, ...]) -> None:
+        self._tokens.pop(key, None)
+
+    async def get(self, key: tuple[str, ...], http: httpx.AsyncClient, url: str,
+                  form: Mapping[str, str], *, what: str) -> AccessToken:
+        token = self._tokens.get(key)
+        if token is not None and token.fresh():
+            return token
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            token = self._tokens.get(key)
+            if token is None or not token.fresh():
+                token = await request_token(http, url, form, what=what)
+                self._tokens[key] = token
+            return token
