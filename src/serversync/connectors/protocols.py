@@ -51,6 +51,8 @@ class FolderCursor:
     uidvalidity: int | None = None
     last_uid: int = 0
     highest_modseq: int | None = None
+    # Opaque server cursor of token-based sources: EWS SyncState, Graph deltaLink.
+    token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
