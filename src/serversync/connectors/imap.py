@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from imapclient.response_parser import parse_fetch_response
@@ -30,7 +30,7 @@ from serversync.connectors.protocols import (
     RemoteMessage,
 )
 from serversync.core.errors import PermanentError
-from serversync.core.model import AccessMode, Channel, Mailbox, Profile
+from serversync.core.model import AccessMode, AfterProcessing, Channel, Mailbox, Profile
 from serversync.core.rules import Login
 
 
@@ -288,7 +288,7 @@ class ImapSource:
         return folder_state(response)
 
     async def fetch(self, folder: str, cursor: FolderCursor | None, *, batch_size: int,
-                    known: KnownFilter) -> AsyncIterator[FetchBatch]:
+                    known: KnownFilter) -> AsyncGenerator[FetchBatch, None]:
         async with self._lock:
             state = await self._select(folder)
         reset = cursor is not None and cursor.uidvalidity not in (None, state.uidvalidity)
@@ -397,3 +397,11 @@ class ImapSource:
 def _head(line: Sequence[Item]) -> bytes:
     first = line[0]
     return first if isinstance(first, bytes) else first[0]
+
+
+def source(profile: Profile, mailbox: Mailbox, login: Login,
+           options: ConnectOptions) -> ImapSource:
+    """The incoming source of a mailbox: read-only unless processed mail is changed."""
+    readonly = mailbox.after_processing is AfterProcessing.LEAVE and \
+        not profile.move_failed_to_folder
+    return ImapSource(profile, mailbox, login, options, readonly=readonly)

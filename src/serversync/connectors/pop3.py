@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from serversync.connectors.net import ConnectOptions, open_stream, start_tls, translated
 from serversync.connectors.protocols import (
@@ -26,7 +26,15 @@ from serversync.connectors.protocols import (
     RemoteMessage,
 )
 from serversync.core.errors import AuthError, PermanentError, SyncError, TransientError
-from serversync.core.model import AccessMode, Channel, Endpoint, Mailbox, Profile, TlsMode
+from serversync.core.model import (
+    AccessMode,
+    AfterProcessing,
+    Channel,
+    Endpoint,
+    Mailbox,
+    Profile,
+    TlsMode,
+)
 from serversync.core.rules import Login
 
 
@@ -213,7 +221,7 @@ class Pop3Source:
         return "INBOX"
 
     async def fetch(self, folder: str, cursor: FolderCursor | None, *, batch_size: int,
-                    known: KnownFilter) -> AsyncIterator[FetchBatch]:
+                    known: KnownFilter) -> AsyncGenerator[FetchBatch, None]:
         listing = await self.client.uidl()
         self._numbers = {uid: number for number, uid in listing}
         done = await known([uid for _, uid in listing])
@@ -231,3 +239,10 @@ class Pop3Source:
         for d in dispositions:
             if d.action == "delete" and d.remote_id in self._numbers:
                 await self.client.dele(self._numbers.pop(d.remote_id))
+
+
+def source(profile: Profile, mailbox: Mailbox, login: Login,
+           options: ConnectOptions) -> Pop3Source:
+    """The incoming source of a mailbox: deletes processed mail only for delete-after."""
+    return Pop3Source(profile, mailbox, login, options,
+                      delete_processed=mailbox.after_processing is AfterProcessing.DELETE)

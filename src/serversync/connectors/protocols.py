@@ -16,7 +16,7 @@ and channel. Glossary:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -115,7 +115,7 @@ class MailSource(Protocol):
         ...
 
     def fetch(self, folder: str, cursor: FolderCursor | None, *, batch_size: int,
-              known: KnownFilter) -> AsyncIterator[FetchBatch]: ...
+              known: KnownFilter) -> AsyncGenerator[FetchBatch, None]: ...
 
     async def finish(self, folder: str, dispositions: Sequence[Disposition]) -> None: ...
 

@@ -47,7 +47,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from serversync.core.email import EmailActivity, Regarding
 from serversync.core.tracking import KnownActivity, LoopWindow
 from serversync.store.emails import AttachmentRow, BlobRow, EmailRecipientRow, EmailRow
-from serversync.store.tables import Base
+from serversync.store.tables import AlertRow, Base
 
 TRACKED, LINKED, SKIPPED, QUARANTINED = "tracked", "linked", "skipped", "quarantined"
 
@@ -410,6 +410,12 @@ class IncomingStore:
                 update(LoopGuardRow).where(LoopGuardRow.sender == sender).values(**values))
             if not getattr(result, "rowcount", 0):
                 await self.session.execute(insert(LoopGuardRow).values(sender=sender, **values))
+
+    async def resolve_alerts(self, mailbox_id: int, code: str) -> None:
+        """Resolve a mailbox's open alerts with one code (a folder that is back)."""
+        await self.session.execute(update(AlertRow).where(
+            AlertRow.mailbox_id == mailbox_id, AlertRow.code == code,
+            AlertRow.resolved_at.is_(None)).values(resolved_at=dt.datetime.now(dt.UTC)))
 
     async def resume_sender(self, sender: str) -> None:
         await self.session.execute(update(LoopGuardRow).where(LoopGuardRow.sender == sender)

@@ -1,0 +1,483 @@
+"""Incoming email: track new mail of one mailbox into email activities (the INCOMING job).
+
+One run, per configured folder (INBOX by default, plus Sent when ``track_sent``):
+
+1. the `MailSource` (IMAP or POP3) yields batches of raw messages from the folder's cursor;
+2. the batch is parsed (`connectors.mime`, fast-mail-parser on all cores, stdlib fallback)
+   in a worker thread while the source already fetches the next batch;
+3. one transaction per batch: replayed items (already linked) are skipped; each message
+   is matched to an existing activity by Message-ID (or content hash) — the same message
+   in several mailboxes, or a Sent copy of an outgoing activity, is *linked*, not tracked
+   twice; otherwise addresses are resolved, the message is correlated and the tracking
+   rules decide (`core.tracking`); the loop guard counts per sender; activities, item
+   links, quarantined items, loop counters and the folder cursor are written together;
+4. only then the server-side after-processing runs (flag, move, delete; failed items to
+   the profile's Undeliverable folder).
+
+A crash anywhere replays the batch: the unique item links make the replay a no-op for
+what was committed. Bad items never raise: they are quarantined with their raw bytes and an
+alert. A whole-run failure raises a typed error (wrong password, impersonation refused, every
+folder gone: `PermanentError`); the runtime's `services.runs.ChannelRunner` records it,
+backs off or disables the channel, and raises the alert. A folder that disappeared while
+others remain is an alert of its own (code ``folder-missing``), resolved when it is back.
+
+Fault injection for the crash tests: ``SERVERSYNC_FAULT=incoming-before-commit[:N]`` ends
+the process (``os._exit``) after the N-th batch (default 1) was fetched and parsed and
+before it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from serversync.connectors import mime
+from serversync.connectors.net import ConnectOptions
+from serversync.connectors.protocols import (
+    Disposition,
+    FetchBatch,
+    FolderCursor,
+    MailSource,
+    RemoteMessage,
+)
+from serversync.core import rules, tracking
+from serversync.core.email import (
+    Direction,
+    EmailActivity,
+    EmailStatus,
+    Recipient,
+)
+from serversync.core.errors import ItemError, PermanentError, RuleViolation, SyncError
+from serversync.core.model import (
+    AfterProcessing,
+    Alert,
+    Channel,
+    Mailbox,
+    OrgSettings,
+    Party,
+    Profile,
+    ServerKind,
+    Severity,
+    SyncMethod,
+)
+from serversync.core.rules import Login
+from serversync.core.tokens import find_token, make_token
+from serversync.services.admin import Clock, connect_options, utcnow
+from serversync.services.channels import RunSummary
+from serversync.store.db import Database
+from serversync.store.incoming import (
+    LINKED,
+    QUARANTINED,
+    SKIPPED,
+    TRACKED,
+    Cursor,
+    IncomingStore,
+    NewLink,
+)
+from serversync.store.repos import Repository
+
+log = logging.getLogger(__name__)
+
+SourceFactory = Callable[[Profile, Mailbox, Login, ConnectOptions], MailSource]
+FAULT_ENV = "SERVERSYNC_FAULT"
+SMART_MATCH_DAYS = 90
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingOptions:
+    batch_size: int = 500
+    parse_threads: int | None = None  # fast-mail-parser threads; None = every core
+    loop: tracking.LoopPolicy = field(default_factory=tracking.LoopPolicy)
+
+
+@dataclass
+class _Plan:
+    """What one batch writes."""
+
+    activities: list[EmailActivity] = field(default_factory=list)
+    links: list[NewLink] = field(default_factory=list)
+    quarantine: list[tuple[RemoteMessage, str, str]] = field(default_factory=list)
+    dispositions: list[Disposition] = field(default_factory=list)
+    fixups: list[tuple[int, int, str]] = field(default_factory=list)  # new idx → new idx
+    alerts: list[Alert] = field(default_factory=list)
+    windows: dict[str, tracking.LoopWindow] = field(default_factory=dict)
+    tracked: int = 0
+    linked: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    mailbox: Mailbox
+    mailbox_id: int
+    profile: Profile
+    settings: OrgSettings
+    folder: str
+    sent: bool  # the folder is the Sent folder: outgoing activities
+    now: dt.datetime
+
+
+def _fault(batch_number: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    name, _, nth = spec.partition(":")
+    if name == "incoming-before-commit" and batch_number == int(nth or 1):
+        os._exit(86)
+
+
+class IncomingJob:
+    """The `ChannelJob` for `Channel.INCOMING` on IMAP and POP3 profiles."""
+
+    def __init__(self, db: Database, sources: Mapping[ServerKind, SourceFactory], *,
+                 options: IncomingOptions = IncomingOptions(), clock: Clock = utcnow) -> None:
+        self.db = db
+        self.sources = sources
+        self.options = options
+        self.clock = clock
+
+    async def __call__(self, address: str) -> RunSummary:
+        async with self.db.transaction() as repo:
+            mailbox = await repo.get_mailbox(address)
+            profile = await repo.get_profile(mailbox.profile)
+            settings = await repo.get_settings()
+        factory = self.sources.get(profile.kind)
+        if factory is None:
+            raise RuleViolation(f"incoming sync of {profile.kind.value} mailboxes is not "
+                                "handled here", code="connector-unavailable")
+        if mailbox.incoming.method is not SyncMethod.SERVER_SIDE or not mailbox.incoming.enabled:
+            raise RuleViolation(f"incoming email of {mailbox.address} is not enabled",
+                                fix=f"run Test & Enable: serversync mailbox test {address}",
+                                code="not-enabled")
+        rules.check_approved(settings, mailbox)
+        login = rules.login_for(profile, mailbox, Channel.INCOMING)
+        source = factory(profile, mailbox, login, connect_options(profile))
+        try:
+            await source.open()
+            return await self._run(source, mailbox, profile, settings)
+        finally:
+            await source.close()
+
+    # ------------------------------------------------------------ one run
+
+    async def _run(self, source: MailSource, mailbox: Mailbox, profile: Profile,
+                   settings: OrgSettings) -> RunSummary:
+        assert mailbox.id is not None
+        folders = [(f, False) for f in mailbox.folders]
+        if mailbox.track_sent and profile.kind is ServerKind.IMAP:
+            finder = getattr(source, "sent_folder", None)
+            sent = await finder() if finder is not None else None
+            if sent and sent not in mailbox.folders:
+                folders.append((sent, True))
+        totals = {"items": 0, "failures": 0, "skipped": 0, "linked": 0}
+        missing: list[PermanentError] = []
+        for folder, is_sent in folders:
+            try:
+                await source.resolve_folder(folder)
+            except PermanentError as exc:
+                if exc.code != "folder-missing":
+                    raise
+                missing.append(exc)
+                await self._alert(mailbox, profile, Severity.ERROR, exc.code, exc.message,
+                                  exc.fix)
+                continue
+            await self._folder(source, mailbox, mailbox.id, profile, settings, folder, is_sent,
+                               totals)
+        if missing and len(missing) == len(folders):
+            raise missing[0]
+        if not missing:
+            async with self.db.transaction() as repo:
+                await IncomingStore(repo.session).resolve_alerts(mailbox.id, "folder-missing")
+        detail = (f"{totals['items']} tracked, {totals['linked']} linked, "
+                  f"{totals['skipped']} not tracked, {totals['failures']} quarantined")
+        if missing:
+            detail += f"; {len(missing)} folder(s) missing"
+        return RunSummary(totals["items"], totals["failures"] + len(missing), False, detail)
+
+    async def _alert(self, mailbox: Mailbox, profile: Profile, severity: Severity, code: str,
+                     message: str, fix: str) -> None:
+        """Add an alert unless the same one is still open (a missing folder, run after run)."""
+        async with self.db.transaction() as repo:
+            if any(a.code == code and a.message == message
+                   for a in await repo.list_alerts(mailbox=mailbox.address)):
+                return
+            await repo.add_alert(Alert(severity, code, message, fix, mailbox=mailbox.address,
+                                       profile=profile.name, channel=Channel.INCOMING,
+                                       created_at=self.clock()))
+
+    async def _folder(self, source: MailSource, mailbox: Mailbox, mailbox_id: int,
+                      profile: Profile, settings: OrgSettings, folder: str, is_sent: bool,
+                      totals: dict[str, int]) -> None:
+        async with self.db.transaction() as repo:
+            stored = await IncomingStore(repo.session).cursor(mailbox_id, folder)
+        cursor = FolderCursor(*stored) if stored is not None else None
+
+        async def known(remote_ids: Sequence[str]) -> set[str]:
+            async with self.db.transaction() as repo:
+                return await IncomingStore(repo.session).known(mailbox_id, folder, remote_ids)
+
+        number = 0
+        async with contextlib.aclosing(source.fetch(
+                folder, cursor, batch_size=self.options.batch_size, known=known)) as batches:
+            async for batch in batches:
+                number += 1
+                parsed = await asyncio.to_thread(
+                    mime.parse_batch, [m.raw for m in batch.messages],
+                    max_attachment_bytes=settings.max_attachment_bytes,
+                    threads=self.options.parse_threads) if batch.messages else []
+                _fault(number)
+                ctx = _Context(mailbox, mailbox_id, profile, settings, folder, is_sent,
+                               self.clock())
+                plan = await self._commit(ctx, batch, parsed)
+                totals["items"] += plan.tracked
+                totals["linked"] += plan.linked
+                totals["skipped"] += plan.skipped
+                totals["failures"] += len(plan.quarantine)
+                if plan.dispositions:
+                    await source.finish(folder, plan.dispositions)
+
+    # ------------------------------------------------------------ one batch
+
+    async def _commit(self, ctx: _Context, batch: FetchBatch,
+                      parsed: Sequence[mime.ParsedMessage | ItemError]) -> _Plan:
+        """Write the batch in one transaction; if the database refuses it, item by item."""
+        items = list(zip(batch.messages, parsed, strict=True))
+        try:
+            async with self.db.transaction() as repo:
+                return await self._write(repo, ctx, batch.cursor, items)
+        except SyncError:
+            raise
+        except Exception as exc:  # a database error caused by one item's data
+            if len(items) <= 1:
+                if not items:
+                    raise
+                log.warning("incoming item %s refused by the database: %s",
+                            items[0][0].remote_id, type(exc).__name__)
+                return await self._quarantine_alone(ctx, batch.cursor, items[0][0], exc)
+        plan = _Plan()
+        for i, item in enumerate(items):
+            last = i + 1 == len(items)
+            single = FetchBatch(batch.folder, [item[0]], batch.cursor if last else
+                                FolderCursor(batch.cursor.uidvalidity,
+                                             item[0].uid or 0, None))
+            part = await self._commit(ctx, single, [item[1]])
+            plan.tracked += part.tracked
+            plan.linked += part.linked
+            plan.skipped += part.skipped
+            plan.quarantine += part.quarantine
+            plan.dispositions += part.dispositions
+        return plan
+
+    async def _quarantine_alone(self, ctx: _Context, cursor: FolderCursor,
+                                message: RemoteMessage, exc: Exception) -> _Plan:
+        plan = _Plan()
+        reason = f"the database refused it: {type(exc).__name__}: {str(exc)[:300]}"
+        plan.quarantine.append((message, "store-refused", reason))
+        plan.links.append(NewLink(ctx.folder, message.remote_id, QUARANTINED))
+        plan.dispositions.append(self._failed_disposition(ctx, message))
+        async with self.db.transaction() as repo:
+            store = IncomingStore(repo.session)
+            if message.remote_id not in await store.known(ctx.mailbox_id, ctx.folder,
+                                                          [message.remote_id]):
+                await self._store_plan(repo, store, ctx, cursor, plan)
+        return plan
+
+    async def _write(self, repo: Repository, ctx: _Context, cursor: FolderCursor,
+                     items: list[tuple[RemoteMessage, mime.ParsedMessage | ItemError]]) -> _Plan:
+        store = IncomingStore(repo.session)
+        done = await store.known(ctx.mailbox_id, ctx.folder, [m.remote_id for m, _ in items])
+        todo = [(m, p) for m, p in items if m.remote_id not in done]
+        plan = await self._plan(repo, store, ctx, todo)
+        await self._store_plan(repo, store, ctx, cursor, plan)
+        return plan
+
+    async def _store_plan(self, repo: Repository, store: IncomingStore, ctx: _Context,
+                          cursor: FolderCursor, plan: _Plan) -> None:
+        ids = await store.add_activities(plan.activities)
+        for index, target, method in plan.fixups:
+            await store.set_correlation(ids[index], ids[target], method)
+        await store.add_links(ctx.mailbox_id, plan.links, ids, ctx.now)
+        for message, code, reason in plan.quarantine:
+            await store.quarantine(ctx.mailbox_id, ctx.folder, message.remote_id, message.raw,
+                                   code, reason, ctx.now)
+        if plan.windows:
+            await store.save_loop_windows(plan.windows)
+        if plan.quarantine:
+            first = plan.quarantine[0]
+            plan.alerts.append(Alert(
+                Severity.WARNING, "quarantined",
+                f"{len(plan.quarantine)} message(s) in {ctx.folder} of {ctx.mailbox.address} "
+                f"were quarantined (first: {first[1]}: {first[2][:200]})",
+                "the raw messages are kept; inspect them with `serversync quarantine list`",
+                mailbox=ctx.mailbox.address, profile=ctx.profile.name,
+                channel=Channel.INCOMING, created_at=ctx.now))
+        for alert in plan.alerts:
+            await repo.add_alert(alert)
+        await store.save_cursor(ctx.mailbox_id, ctx.folder, Cursor(
+            cursor.uidvalidity, cursor.last_uid, cursor.highest_modseq), ctx.now)
+
+    # ------------------------------------------------------------ decisions
+
+    def _done_disposition(self, ctx: _Context, message: RemoteMessage) -> Disposition:
+        action = ctx.mailbox.after_processing
+        if ctx.sent or action is AfterProcessing.LEAVE:
+            return Disposition(message.remote_id, "leave")
+        if action is AfterProcessing.MOVE:
+            return Disposition(message.remote_id, "move", ctx.mailbox.after_processing_folder)
+        return Disposition(message.remote_id, action.value)
+
+    def _failed_disposition(self, ctx: _Context, message: RemoteMessage) -> Disposition:
+        target = ctx.profile.move_failed_to_folder
+        if target and ctx.profile.kind is ServerKind.IMAP:
+            return Disposition(message.remote_id, "move", target)
+        return Disposition(message.remote_id, "leave")
+
+    async def _plan(self, repo: Repository, store: IncomingStore, ctx: _Context,
+                    items: list[tuple[RemoteMessage, mime.ParsedMessage | ItemError]]) -> _Plan:
+        plan = _Plan()
+        good = [(m, p) for m, p in items if isinstance(p, mime.ParsedMessage)]
+        for message, result in items:
+            if isinstance(result, ItemError):
+                plan.quarantine.append((message, result.code, result.message))
+                plan.links.append(NewLink(ctx.folder, message.remote_id, QUARANTINED))
+                plan.dispositions.append(self._failed_disposition(ctx, message))
+        if not good:
+            return plan
+        parsed = [p for _, p in good]
+        settings = ctx.settings
+        by_mid, by_hash = await store.existing(
+            [p.message_id for p in parsed if p.message_id],
+            [p.content_hash for p in parsed if not p.message_id])
+        prefix = settings.tracking_token_prefix
+        thread = [i for p in parsed for i in ([p.in_reply_to] if p.in_reply_to else [])
+                  + list(p.references[-tracking.MAX_REFERENCES:])]
+        tokens = [t for p in parsed if (t := find_token(p.subject, prefix)) is not None] \
+            if settings.use_tracking_tokens else []
+        conversations = [p.conversation_id for p in parsed if p.conversation_id]
+        k_mid, k_id, k_conv = await store.correlation_rows(thread, tokens, conversations)
+        recent = await store.recent(ctx.now - dt.timedelta(days=SMART_MATCH_DAYS)) \
+            if settings.use_smart_matching and not ctx.sent else []
+        addresses = {r.address for p in parsed for r in p.recipients}
+        directory = await repo.parties_by_address(addresses)
+        resolved = tracking.resolve_all(addresses, directory)
+        windows = await store.loop_windows(p.sender for p in parsed if p.sender) \
+            if not ctx.sent else {}
+        owner = tracking.Receiver(ctx.mailbox.owner_kind, ctx.mailbox.owner,
+                                  ctx.mailbox.tracking_rule)
+        since = ctx.mailbox.process_email_from or ctx.profile.process_email_from
+        batch_mid: dict[str, int] = {}
+        batch_hash: dict[str, int] = {}
+        mids, convs = dict(k_mid), dict(k_conv)  # grow with this batch's own activities
+        index = tracking.CorrelationIndex(mids, k_id, convs, recent)
+
+        for message, p in good:
+            when = message.internal_date or p.sent_at
+            if since is not None and when is not None and when < since:
+                plan.links.append(NewLink(ctx.folder, message.remote_id, SKIPPED))
+                plan.skipped += 1
+                continue
+            raw = message.raw if settings.keep_raw_messages else None
+            # the same message already tracked (another mailbox, a Sent copy, a UIDVALIDITY
+            # reset, or earlier in this batch): link it, never a second activity
+            existing_id = by_mid.get(p.message_id) if p.message_id else by_hash.get(
+                p.content_hash)
+            batch_index = batch_mid.get(p.message_id) if p.message_id else batch_hash.get(
+                p.content_hash)
+            if existing_id is not None or batch_index is not None:
+                plan.links.append(NewLink(ctx.folder, message.remote_id, LINKED,
+                                          email_index=batch_index, email_id=existing_id,
+                                          raw=raw))
+                plan.dispositions.append(self._done_disposition(ctx, message))
+                plan.linked += 1
+                continue
+            draft = self._activity(ctx, message, p, resolved)
+            if ctx.sent:
+                decision = tracking.Decision(True, "sent by the mailbox's owner",
+                                             owner.kind.value, owner.key)
+                correlation = tracking.correlate(
+                    draft, index, token_prefix=prefix, use_tokens=settings.use_tracking_tokens)
+            else:
+                correlation = tracking.correlate(
+                    draft, index, token_prefix=prefix, use_tokens=settings.use_tracking_tokens,
+                    use_smart_matching=settings.use_smart_matching)
+                decision = tracking.decide(
+                    draft, sender=resolved.get(p.sender), correlation=correlation,
+                    receivers_=tracking.receivers(draft, resolved, owner), mailbox_owner=owner)
+            if not decision.track:
+                plan.links.append(NewLink(ctx.folder, message.remote_id, SKIPPED))
+                plan.skipped += 1
+                continue
+            if not ctx.sent and p.sender:
+                step = tracking.loop_step(windows.get(p.sender), ctx.now, self.options.loop)
+                windows[p.sender] = step.window
+                plan.windows[p.sender] = step.window
+                if step.newly_paused:
+                    plan.alerts.append(Alert(
+                        Severity.WARNING, "sender-paused",
+                        f"sender {p.sender} created more than {self.options.loop.threshold} "
+                        f"activities in {self.options.loop.minutes} minutes and is paused; "
+                        "its further mail is quarantined", "check for a mail loop or an "
+                        "automated sender; resume it once fixed",
+                        mailbox=ctx.mailbox.address, profile=ctx.profile.name,
+                        channel=Channel.INCOMING, created_at=ctx.now))
+                if not step.allowed:
+                    plan.quarantine.append((message, "loop-guard",
+                                            f"sender {p.sender} is paused by the loop guard"))
+                    plan.links.append(NewLink(ctx.folder, message.remote_id, QUARANTINED))
+                    plan.dispositions.append(self._failed_disposition(ctx, message))
+                    continue
+            known = correlation.activity
+            activity = dataclasses.replace(
+                draft, owner_kind=decision.owner_kind, owner=decision.owner,
+                regarding=known.regarding if known else None,
+                correlation=correlation.method,
+                correlated_to=known.id if known and known.id > 0 else None)
+            position = len(plan.activities)
+            if known is not None and known.id < 0:
+                plan.fixups.append((position, -known.id - 1, correlation.method.value))
+            plan.activities.append(activity)
+            plan.links.append(NewLink(ctx.folder, message.remote_id, TRACKED,
+                                      email_index=position, raw=raw))
+            plan.dispositions.append(self._done_disposition(ctx, message))
+            plan.tracked += 1
+            if p.message_id:
+                batch_mid[p.message_id] = position
+                # later messages of this batch may reply to this one
+                mids[p.message_id] = tracking.KnownActivity(
+                    -position - 1, activity.regarding, activity.owner_kind, activity.owner,
+                    activity.subject)
+            else:
+                batch_hash[p.content_hash] = position
+            if p.conversation_id and p.conversation_id not in convs:
+                convs[p.conversation_id] = tracking.KnownActivity(
+                    -position - 1, activity.regarding, activity.owner_kind, activity.owner,
+                    activity.subject)
+        return plan
+
+    def _activity(self, ctx: _Context, message: RemoteMessage, p: mime.ParsedMessage,
+                  resolved: Mapping[str, Party | None]) -> EmailActivity:
+        recipients = []
+        for r in p.recipients:
+            party = resolved.get(r.address)
+            recipients.append(Recipient(r.role, r.address, r.name,
+                                        party.kind.value if party else None,
+                                        party.key if party else None))
+        token_id = find_token(p.subject, ctx.settings.tracking_token_prefix)
+        return EmailActivity(
+            direction=Direction.OUTGOING if ctx.sent else Direction.INCOMING,
+            status=EmailStatus.SENT if ctx.sent else EmailStatus.RECEIVED,
+            subject=p.subject, sender=p.sender, recipients=tuple(recipients),
+            message_id=p.message_id, in_reply_to=p.in_reply_to, references=p.references,
+            conversation_id=p.conversation_id,
+            tracking_token=make_token(ctx.settings.tracking_token_prefix, token_id)
+            if token_id is not None else None,
+            sent_at=p.sent_at, received_at=message.internal_date or ctx.now,
+            body_text=p.body_text, body_html=p.body_html, attachments=p.attachments,
+            sender_mailbox=ctx.mailbox.address if ctx.sent else None,
+            content_hash=p.content_hash, notices=p.notices, created_at=ctx.now)
+
+
