@@ -645,6 +645,56 @@ def directory_add(kind: PartyKind, key: str,
     out.print(f"saved {party.kind.value} {party.key} ({', '.join(party.emails)})")
 
 
+from serversync import service_commands  # noqa: E402  (serve, worker, sync)
+
+service_commands.register(app, run, fail, out)
+
+
+# ---------------------------------------------------------------- API tokens
+
+token_app = typer.Typer(help="API tokens for the REST API and the admin UI (roles: admin, "
+                        "reader).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(name: str,
+                 role: Annotated[str, typer.Option(help="admin (everything) or reader "
+                                                        "(GET only).")] = "reader") -> None:
+    """Create a token and print it ONCE (only its hash is stored)."""
+    from serversync.core.access import Role
+    from serversync.services.tokens import Tokens
+    if role not in ("admin", "reader"):
+        fail(ConfigError("--role", "must be admin or reader"))
+    created = run(lambda s: Tokens(s.db).create(name, Role(role)))
+    err.print(f"created {role} token {name!r}; copy it now, it is not shown again:",
+              highlight=False)
+    sys.stdout.write(created.value + "\n")
+
+
+@token_app.command("list")
+def token_list(include_revoked: Annotated[bool, typer.Option("--all", help="Include revoked.")
+                                          ] = False, as_json: JsonOpt = False) -> None:
+    """Tokens with their role and when they were last used (never the tokens themselves)."""
+    from serversync.services.tokens import Tokens
+    found = run(lambda s: Tokens(s.db).all(include_revoked=include_revoked))
+    if as_json:
+        emit_json([{k: v for k, v in dataclasses.asdict(t).items() if k != "id"} for t in found])
+        return
+    table("API tokens", ["name", "role", "prefix", "created", "last used", "revoked"],
+          [(t.name, t.role, t.prefix + "…", t.created_at.strftime("%Y-%m-%d %H:%M"),
+            t.last_used_at.strftime("%Y-%m-%d %H:%M") if t.last_used_at else "never",
+            t.revoked_at.strftime("%Y-%m-%d %H:%M") if t.revoked_at else "") for t in found])
+
+
+@token_app.command("revoke")
+def token_revoke(name: str) -> None:
+    """Revoke a token at once (its admin UI sessions end too)."""
+    from serversync.services.tokens import Tokens
+    run(lambda s: Tokens(s.db).revoke(name))
+    out.print(f"revoked token {name!r}")
+
+
 def main() -> None:
     app()
 
