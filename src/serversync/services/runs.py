@@ -47,8 +47,10 @@ from serversync.core.schedule import (
     profile_failing,
     requested,
 )
+from serversync.core.webhooks import Event
 from serversync.services.admin import Clock, Services, utcnow
 from serversync.services.channels import RunSummary
+from serversync.services.webhooks import emit
 from serversync.store.db import Database
 from serversync.store.runs import DueChannel, RunStore
 
@@ -216,8 +218,13 @@ class ChannelRunner:
         self.worker = worker or worker_name()
         self.idle_max_s = idle_max_s
 
-    async def run(self, address: str, channel: Channel) -> Run | None:
-        """Run now; None when the channel is not runnable (disabled, not approved, gone)."""
+    async def run(self, address: str, channel: Channel, *, only_if_due: bool = False
+                  ) -> Run | None:
+        """Run now; None when the channel is not runnable (disabled, not approved, gone).
+
+        ``only_if_due`` skips a channel whose next run is still ahead: a job queued while
+        the channel was running (workers) must not poll again right after that run.
+        """
         started = self.clock()
         async with self.db.transaction() as repo:
             mailbox = await repo.find_mailbox(address)
@@ -230,8 +237,12 @@ class ChannelRunner:
                         and mailbox.approval is not ApprovalStatus.APPROVED)):
                 return None
             profile = await repo.get_profile(mailbox.profile)
-            run_id = await RunStore(repo.session).start_run(mailbox.address, channel, started,
-                                                            self.worker)
+            store = RunStore(repo.session)
+            if only_if_due:
+                state = await store.state(mailbox.address, channel)
+                if state.next_run_at is not None and state.next_run_at > started:
+                    return None
+            run_id = await store.start_run(mailbox.address, channel, started, self.worker)
         summary: RunSummary | None = None
         failure: Failure | None = None
         try:
@@ -273,6 +284,14 @@ class ChannelRunner:
                 error_code=failure.code if failure else None,
                 error=failure.message if failure else None,
                 detail=summary.detail if summary else (failure.fix if failure else ""))
+            if failure is not None:
+                await emit(repo, Event.RUN_FAILED, {
+                    "run": run.id, "mailbox": address, "profile": profile.name,
+                    "channel": channel.value, "outcome": failure.outcome.value,
+                    "code": failure.code, "error": failure.message, "fix": failure.fix,
+                    "consecutive_failures": new_state.consecutive_failures,
+                    "disabled": decision.disable, "started_at": run.started_at.isoformat(),
+                    "finished_at": now.isoformat()}, key=f"run:{run.id}", now=now)
             current = mailbox.channel(channel)
             if failure is None:
                 if current.status is not ChannelStatus.SUCCESS:
