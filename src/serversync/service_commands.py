@@ -14,6 +14,7 @@ long-running event loops, signal handling and the web app, not one use case each
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import signal
 from typing import Annotated, Any
@@ -29,12 +30,20 @@ from serversync.runtime.worker import Worker, WorkerOptions
 from serversync.services import Services
 from serversync.services.runs import ChannelRunner, Run, RunLog
 
+WEB_APP = "serversync.web.app:create_app"
 
-def web_app_factory() -> Any:
-    """`serversync.web.app.create_app` when the web part is installed, else None."""
+
+def web_app_factory(target: str = WEB_APP) -> Any:
+    """The web app factory named by ``target`` (``module:function``), or None if absent.
+
+    Looked up by name, the way uvicorn loads apps: the CLI and the web layer are siblings
+    that must not import each other (import-linter layers), and ``serve`` still runs
+    headless when the web part is not installed.
+    """
+    module_name, _, attribute = target.partition(":")
     try:
-        from serversync.web.app import create_app
-    except ImportError:
+        create_app = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError):
         return None
 
     def factory(services: Services, runlog: RunLog) -> Any:
