@@ -148,6 +148,10 @@ class OutgoingStore:
             recipient_results=[], created_at=now))
         await self.session.flush()
 
+    async def set_tracking_token(self, email_id: int, token: str) -> None:
+        await self.session.execute(update(EmailRow).where(EmailRow.id == email_id)
+                                   .values(tracking_token=token))
+
     async def state(self, email_id: int) -> SendState:
         found = (await self.session.execute(
             select(OutgoingRow, EmailRow.status).join(EmailRow, EmailRow.id == OutgoingRow.email_id)

@@ -1,0 +1,698 @@
+"""Outgoing email: the application's API, and the channel job that sends over SMTP.
+
+Reference behaviour: ``dynamics-sss.md`` §3.7. The application creates an outgoing email
+activity in *Pending Send* (`OutgoingService.create`) — sender mailbox, To/Cc/Bcc, subject,
+text and HTML, attachments, a reply-to activity (In-Reply-To/References), Send Later,
+priority — and may cancel it while it is pending. The sender mailbox's outgoing channel
+(`OutgoingService.__call__`, a `ChannelJob`) sends due emails as the mailbox's owner:
+*Pending Send → Sending → Sent*, or *Failed* with the server's reason, and appends a copy to
+the mailbox's Sent folder (on by default).
+
+One run, for one mailbox:
+
+1. **Recover** what a crashed run left in *Sending* (its lease expired) — see below — and
+   retry Sent-folder copies that could not be made earlier.
+2. **Claim** up to ``batch_size`` due emails (highest priority first, then oldest) in one
+   transaction: status *Sending*, attempt counted, lease taken, Date fixed.
+3. **Send** them over up to ``min(max_sessions, profile.max_concurrent_connections)`` SMTP
+   sessions side by side, each session reused for many messages. Per message, after the
+   server accepted the recipients and just before DATA, the email is journaled
+   ``submitting`` (durably: `_Journal` group-commits the marks of all sessions together).
+4. **Copy** accepted messages to the Sent folder in batches (MULTIAPPEND), then **commit**
+   their outcome (again group-committed): *Sent* with per-recipient results, or a retry with
+   backoff (4xx, broken connection before DATA: attempts and next attempt are visible), or
+   *Failed* (5xx, with the server's reason; or after `MAX_ATTEMPTS`).
+
+Whole-channel failures raise, for the runtime to disable the channel with an alert
+(`services.runs.ChannelRunner`): an authentication failure or a server that refuses the
+login this sender (``sender-not-owned``; that one email fails with the server's reason), and
+an impersonation scope that excludes the mailbox. Untried emails go back to *Pending Send*.
+
+**Never twice.** SMTP has no way to ask a server whether it took a message, so there is a
+moment — between the end of DATA and our commit — in which a crash leaves the outcome
+unknown. The mechanism:
+
+* the ``submitting`` mark is committed before DATA, so an email whose journal still says
+  ``claimed`` certainly never reached DATA and is simply put back in *Pending Send*;
+* the Sent-folder copy is made after the server's ``250`` and before the status commit, so
+  for an email left ``submitting`` its stored Message-ID is looked up in the Sent folder: if
+  the copy is there, the server accepted it and the email becomes *Sent* without resending;
+* if it is not there (the crash hit between ``250`` and the copy, or during DATA, or saving
+  to Sent is off), the email is **not** resent: it becomes *Failed* with code
+  ``outcome-unknown`` and a reason saying it may have been delivered. Never twice wins over
+  at least once; the window is one message per SMTP session.
+
+The crash test sets ``SERVERSYNC_TEST_CRASH_OUTGOING`` to ``after-data`` (exit right after
+the server's ``250``) or ``after-sent-copy`` (after the copy, before the status commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from serversync.connectors import smtp
+from serversync.connectors.net import ConnectOptions
+from serversync.connectors.sentfolder import SentFolder
+from serversync.core import rules
+from serversync.core.compose import Composed, ComposeError, compose, make_message_id
+from serversync.core.email import (
+    Attachment,
+    Direction,
+    EmailActivity,
+    EmailStatus,
+    Recipient,
+    Regarding,
+    Role,
+)
+from serversync.core.errors import (
+    ConfigError,
+    PermanentError,
+    RuleViolation,
+    SyncError,
+    TransientError,
+)
+from serversync.core.model import (
+    AccessMode,
+    ApprovalStatus,
+    Channel,
+    Endpoint,
+    Mailbox,
+    Profile,
+    ServerKind,
+    SyncMethod,
+)
+from serversync.core.outgoing import (
+    LEASE,
+    MAX_ATTEMPTS,
+    CopyState,
+    Phase,
+    Priority,
+    RecipientResult,
+    RecipientStatus,
+    SendState,
+    backoff,
+)
+from serversync.core.rules import Login
+from serversync.core.tokens import make_token
+from serversync.services.admin import Clock, connect_options, utcnow
+from serversync.services.channels import RunSummary
+from serversync.store.db import Database
+from serversync.store.emails import EmailStore
+from serversync.store.outgoing import Claimed, Finish, OutgoingStore
+
+log = logging.getLogger("serversync.outgoing")
+
+CRASH_ENV = "SERVERSYNC_TEST_CRASH_OUTGOING"
+CRASH_EXIT = 86
+BATCH_SIZE = 500
+MAX_SESSIONS = 4  # per run; more gave no gain on a 2-core host (docs/benchmarks.md)
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: die here without cleanup, as a killed process would."""
+    if os.environ.get(CRASH_ENV) == name:
+        os._exit(CRASH_EXIT)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    address: str
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEmail:
+    """What the application asks to send."""
+
+    sender_mailbox: str
+    subject: str
+    to: Sequence[str | Address] = ()
+    cc: Sequence[str | Address] = ()
+    bcc: Sequence[str | Address] = ()
+    text: str = ""
+    html: str = ""
+    attachments: Sequence[Attachment] = ()
+    reply_to_activity: int | None = None  # In-Reply-To/References from that activity
+    send_after: dt.datetime | None = None  # Send Later
+    priority: Priority = Priority.NORMAL
+    regarding: Regarding | None = None
+    save_to_sent: bool = True
+
+
+@dataclass
+class _Item:
+    claimed: Claimed
+    activity: EmailActivity
+
+
+@dataclass
+class _Tally:
+    sent: int = 0
+    failed: int = 0
+    retried: int = 0
+    released: int = 0
+    recovered: int = 0
+    copies: int = 0
+
+    def detail(self) -> str:
+        parts = [f"{n} {label}" for n, label in (
+            (self.sent, "sent"), (self.failed, "failed"), (self.retried, "to retry"),
+            (self.released, "put back"), (self.recovered, "recovered"),
+            (self.copies, "Sent copies made late")) if n]
+        return ", ".join(parts) or "nothing due"
+
+
+class _Journal:
+    """Group commit: every write the sessions need, in as few transactions as possible.
+
+    ``submitting`` waits until its mark is durable (it guards DATA); ``finish`` does not.
+    While one transaction commits, the next batch of marks and outcomes accumulates.
+    """
+
+    def __init__(self, db: Database, clock: Clock) -> None:
+        self.db = db
+        self.clock = clock
+        self._marks: list[tuple[int, asyncio.Future[None]]] = []
+        self._finishes: list[Finish] = []
+        self._task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    async def submitting(self, email_id: int) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._marks.append((email_id, future))
+        self._kick()
+        await future
+
+    def finish(self, outcome: Finish) -> None:
+        self._finishes.append(outcome)
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._marks or self._finishes:
+            marks, self._marks = self._marks, []
+            finishes, self._finishes = self._finishes, []
+            try:
+                async with self.db.transaction() as repo:
+                    store = OutgoingStore(repo.session)
+                    await store.mark_submitting([i for i, _ in marks], self.clock())
+                    await store.finish(finishes)
+            except Exception as exc:  # the database is gone: nothing more may be sent
+                self.error = exc
+                for _, future in marks:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for _, future in marks:
+                if not future.done():
+                    future.set_result(None)
+
+    async def drain(self) -> None:
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        if self.error is not None:
+            raise TransientError(f"could not record outgoing email results ({self.error})",
+                                 fix="check the database; emails left in Sending are "
+                                     "recovered by the next run", code="store-failed")
+
+
+class OutgoingService:
+    """The outgoing-email API for the application, and the outgoing channel job."""
+
+    def __init__(self, db: Database, *, clock: Clock = utcnow, batch_size: int = BATCH_SIZE,
+                 max_sessions: int = MAX_SESSIONS, lease: dt.timedelta = LEASE,
+                 worker: str | None = None) -> None:
+        self.db = db
+        self.clock = clock
+        self.batch_size = batch_size
+        self.max_sessions = max_sessions
+        self.lease = lease
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self._gates: dict[str, asyncio.Semaphore] = {}
+        self._ehlo_name: str | None = None
+
+    # ------------------------------------------------------------ the application's API
+
+    async def create(self, new: NewEmail) -> EmailActivity:
+        """Create an outgoing email activity in Pending Send (one transaction)."""
+        now = self.clock()
+        if new.send_after is not None and new.send_after.tzinfo is None:
+            raise ConfigError("send_after", "has no time zone", fix="give an aware datetime")
+        recipients: list[Recipient] = []
+        for role, field_name, values in ((Role.TO, "to", new.to), (Role.CC, "cc", new.cc),
+                                         (Role.BCC, "bcc", new.bcc)):
+            for i, value in enumerate(values):
+                entry = value if isinstance(value, Address) else Address(value)
+                address = rules.check_address(f"{field_name}[{i}]", entry.address)
+                recipients.append(Recipient(role, address, entry.name))
+        if not recipients:
+            raise ConfigError("to", "an email needs at least one recipient (To, Cc or Bcc)")
+        async with self.db.transaction() as repo:
+            mailbox = await repo.get_mailbox(new.sender_mailbox)
+            if mailbox.outgoing.method is not SyncMethod.SERVER_SIDE:
+                raise RuleViolation(
+                    f"mailbox {mailbox.address} does not send email (outgoing: none)",
+                    fix=f"set outgoing: server-side on {mailbox.address} and Test & Enable it",
+                    code="outgoing-off")
+            settings = await repo.get_settings()
+            for i, att in enumerate(new.attachments):
+                if att.content is None:
+                    raise ConfigError(f"attachments[{i}]", f"{att.name!r} has no content")
+                if len(att.content) > settings.max_attachment_bytes:
+                    raise ConfigError(
+                        f"attachments[{i}]", f"{att.name!r} is larger than the "
+                        f"{settings.max_attachment_bytes // 2**20} MB attachment limit",
+                        fix="send a link instead, or raise max_attachment_bytes")
+            emails = EmailStore(repo.session)
+            in_reply_to: str | None = None
+            references: tuple[str, ...] = ()
+            regarding = new.regarding
+            parent_id = new.reply_to_activity
+            if parent_id is not None:
+                parent = await emails.get(parent_id)
+                if parent.message_id:
+                    in_reply_to = parent.message_id
+                    references = (*parent.references[-19:], parent.message_id)
+                regarding = regarding or parent.regarding
+            sender_name = next((p.name for p in (await repo.parties_by_address(
+                [mailbox.address])).get(mailbox.address, []) if p.name), mailbox.name)
+            activity = await emails.add(EmailActivity(
+                direction=Direction.OUTGOING, status=EmailStatus.PENDING_SEND,
+                subject=new.subject, sender=mailbox.address,
+                recipients=(Recipient(Role.FROM, mailbox.address, sender_name), *recipients),
+                message_id=make_message_id(mailbox.address, uuid.uuid4().hex),
+                in_reply_to=in_reply_to, references=references, body_text=new.text,
+                body_html=new.html,
+                attachments=tuple(dataclasses.replace(a, size=len(a.content or b""))
+                                  for a in new.attachments),
+                owner_kind=mailbox.owner_kind.value, owner=mailbox.owner, regarding=regarding,
+                sender_mailbox=mailbox.address, created_at=now))
+            email_id, message_id = activity.id, activity.message_id
+            assert email_id is not None and message_id is not None
+            store = OutgoingStore(repo.session)
+            if settings.use_tracking_tokens:
+                token = make_token(settings.tracking_token_prefix, email_id)
+                await store.set_tracking_token(email_id, token)
+                activity = dataclasses.replace(activity, tracking_token=token)
+            await store.add(email_id, mailbox=mailbox.address, message_id=message_id, now=now,
+                            priority=new.priority, send_after=new.send_after, reply_to_email_id=parent_id,
+                            save_to_sent=new.save_to_sent)
+        return activity
+
+    async def cancel(self, email_id: int) -> None:
+        """Cancel an email that is still Pending Send."""
+        async with self.db.transaction() as repo:
+            store = OutgoingStore(repo.session)
+            state = await store.state(email_id)
+            if not await store.cancel(email_id, self.clock()):
+                raise RuleViolation(
+                    f"email activity {email_id} is {state.status.value}; only pending email "
+                    "can be canceled", code="not-pending")
+
+    async def state(self, email_id: int) -> SendState:
+        async with self.db.transaction() as repo:
+            return await OutgoingStore(repo.session).state(email_id)
+
+    # ------------------------------------------------------------ the channel job
+
+    async def __call__(self, address: str) -> RunSummary:
+        """Send the due email of one mailbox once (`ChannelJob`)."""
+        async with self.db.transaction() as repo:
+            mailbox = await repo.get_mailbox(address)
+            profile = await repo.get_profile(mailbox.profile)
+            settings = await repo.get_settings()
+        if mailbox.outgoing.method is not SyncMethod.SERVER_SIDE or not mailbox.outgoing.enabled:
+            return RunSummary(detail="outgoing is not enabled for this mailbox; its email "
+                                     "stays Pending Send until it is tested and enabled")
+        if settings.process_only_approved_mailboxes and \
+                mailbox.approval is not ApprovalStatus.APPROVED:
+            return RunSummary(detail="the mailbox is not approved; its email stays Pending Send")
+        try:
+            login = rules.login_for(profile, mailbox, Channel.OUTGOING)
+        except RuleViolation as exc:
+            raise PermanentError(exc.message, fix=exc.fix, code=exc.code) from exc
+        endpoint = profile.outgoing or (profile.incoming if profile.kind is ServerKind.GMAIL
+                                        else None)
+        if endpoint is None:
+            raise PermanentError(f"profile {profile.name!r} has no outgoing (SMTP) server",
+                                 fix="set outgoing host and port on the profile",
+                                 code="no-outgoing-server")
+        if self._ehlo_name is None:
+            self._ehlo_name = await asyncio.to_thread(socket.getfqdn)
+        gate = self._gates.setdefault(profile.name,
+                                      asyncio.Semaphore(profile.max_concurrent_connections))
+        run = _Run(self, mailbox, profile, login, endpoint, gate)
+        return await run.execute()
+
+
+class _Run:
+    """One run of the outgoing channel of one mailbox."""
+
+    def __init__(self, service: OutgoingService, mailbox: Mailbox, profile: Profile,
+                 login: Login, endpoint: Endpoint, gate: asyncio.Semaphore) -> None:
+        self.service = service
+        self.db = service.db
+        self.clock = service.clock
+        self.mailbox = mailbox
+        self.profile = profile
+        self.login = login
+        self.endpoint = endpoint
+        self.gate = gate
+        self.options: ConnectOptions = connect_options(profile)
+        self.journal = _Journal(self.db, self.clock)
+        self.tally = _Tally()
+        self.queue: collections.deque[_Item] = collections.deque()
+        self.fatal: SyncError | None = None
+        self.connect_error: SyncError | None = None
+        self.connected = False
+        self.deadline = 0.0
+        self.sent_folder: SentFolder | None = None
+        self.sent_folder_error: SyncError | None = None
+        self._copies: list[tuple[_Item, Composed, Finish]] = []
+        self._copy_task: asyncio.Task[None] | None = None
+        self.on_behalf_of = login.user if login.mode is AccessMode.DELEGATION else None
+
+    @property
+    def copies_possible(self) -> bool:
+        return self.profile.kind is ServerKind.IMAP and self.profile.incoming is not None
+
+    # ------------------------------------------------------------ run
+
+    async def execute(self) -> RunSummary:
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self.service.lease.total_seconds() / 2
+        try:
+            await self._recover()
+            now = self.clock()
+            async with self.db.transaction() as repo:
+                claimed = await OutgoingStore(repo.session).claim(
+                    self.mailbox.address, now, limit=self.service.batch_size,
+                    lease=self.service.lease, owner=self.service.worker)
+                activities = await EmailStore(repo.session).get_many(
+                    [c.email_id for c in claimed], with_content=True)
+            self.queue.extend(_Item(c, activities[c.email_id]) for c in claimed)
+            if self.queue:
+                sessions = max(1, min(self.service.max_sessions,
+                                      self.profile.max_concurrent_connections, len(self.queue)))
+                await asyncio.gather(*(self._worker() for _ in range(sessions)))
+            await self._finish_copies()
+            await self._settle_untried()
+            await self.journal.drain()
+        finally:
+            if self.sent_folder is not None:
+                await self.sent_folder.close()
+        if self.fatal is not None:
+            raise self.fatal
+        if self.connect_error is not None and not self.connected:
+            raise self.connect_error
+        async with self.db.transaction() as repo:
+            more = await OutgoingStore(repo.session).due_count(self.mailbox.address,
+                                                               self.clock()) > 0
+        return RunSummary(items=self.tally.sent, failures=self.tally.failed, more=more,
+                          detail=self.tally.detail())
+
+    async def _settle_untried(self) -> None:
+        """Emails claimed but never tried: back to Pending Send, or a counted retry."""
+        untried = list(self.queue)
+        self.queue.clear()
+        if not untried:
+            return
+        if self.fatal is not None or self.connect_error is None:
+            # stopped by a channel failure, or out of time: the attempt did not happen
+            async with self.db.transaction() as repo:
+                await OutgoingStore(repo.session).release(
+                    [i.claimed.email_id for i in untried], self.clock())
+            self.tally.released += len(untried)
+            return
+        for item in untried:  # the server could not be reached: a failed attempt
+            self._retry(item, self.connect_error, ())
+
+    # ------------------------------------------------------------ SMTP sessions
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with self.gate:
+            client: aiosmtplib.SMTP | None = None
+            try:
+                while self.queue and self.fatal is None and loop.time() < self.deadline:
+                    if client is None:
+                        try:
+                            client = await smtp.connect(self.endpoint, self.login, self.options,
+                                                        local_hostname=self.service._ehlo_name)
+                            self.connected = True
+                        except PermanentError as exc:
+                            self.fatal = exc
+                            return
+                        except SyncError as exc:
+                            self.connect_error = exc
+                            return
+                    item = self.queue.popleft()
+                    keep = await self._send_one(client, item)
+                    if not keep:
+                        await smtp.close(client)
+                        client = None
+            finally:
+                if client is not None:
+                    await smtp.close(client)
+
+    async def _send_one(self, client: aiosmtplib.SMTP, item: _Item) -> bool:
+        """Send one email; record its outcome. False when the session must be replaced."""
+        now = self.clock()
+        claimed, activity = item.claimed, item.activity
+        try:
+            composed = compose(activity, date=claimed.date_header,
+                               smtputf8_offered=smtp.offers_smtputf8(client),
+                               on_behalf_of=self.on_behalf_of, priority=claimed.priority)
+            sender = smtp.envelope_sender(self.login)
+            if not sender.isascii() and not composed.smtputf8:
+                raise ComposeError(f"the envelope sender {sender} needs SMTPUTF8",
+                                   fix="use an ASCII login name")
+        except ComposeError as exc:
+            self._fail(item, exc, ())
+            return True
+        unreachable = tuple(RecipientResult(a, RecipientStatus.REJECTED, 0, why)
+                            for a, why in composed.unreachable.items())
+        if not composed.recipients:
+            self._fail(item, ComposeError("no recipient can be reached: " + "; ".join(
+                f"{r.address}: {r.message}" for r in unreachable)), unreachable)
+            return True
+
+        async def mark() -> None:
+            await self.journal.submitting(claimed.email_id)
+
+        try:
+            submission = await smtp.submit(client, sender, composed.recipients, composed.raw,
+                                           smtputf8=composed.smtputf8, before_data=mark)
+        except smtp.MessageRefused as exc:
+            self._fail(item, exc, (*_results(exc.refused), *unreachable))
+            return client.is_connected
+        except smtp.MessageDeferred as exc:
+            self._retry(item, exc, (*_results(exc.refused), *unreachable))
+            return client.is_connected
+        except smtp.OutcomeUnknown as exc:
+            self._fail(item, exc, unreachable)
+            return False
+        except PermanentError as exc:  # sender-not-owned: this email and the channel fail
+            self._fail(item, exc, unreachable)
+            self.fatal = exc
+            return False
+        except TransientError as exc:  # connection lost before DATA: nothing was sent
+            self._retry(item, exc, unreachable)
+            return False
+        _crash_point("after-data")
+        results = (*(RecipientResult(a, RecipientStatus.ACCEPTED, c, m)
+                     for a, (c, m) in submission.accepted.items()),
+                   *_results(submission.refused), *unreachable)
+        not_delivered = [r for r in results if r.status is not RecipientStatus.ACCEPTED]
+        outcome = Finish(
+            claimed.email_id, EmailStatus.SENT, claimed.attempts, now,
+            error="; ".join(f"not delivered to {r.address}: {r.code or ''} {r.message}".strip()
+                            for r in not_delivered) or None,
+            error_code="recipients-refused" if not_delivered else None,
+            recipients=results, accepted_at=now, smtp_reply=submission.reply,
+            content_hash=hashlib.sha256(composed.raw).hexdigest())
+        if claimed.save_to_sent and self.copies_possible:
+            self._copies.append((item, composed, outcome))
+            if self._copy_task is None or self._copy_task.done():
+                self._copy_task = asyncio.create_task(self._copy_loop())
+        else:  # no copy wanted, or no IMAP folder to put it in (POP3 profiles)
+            self._record_sent(outcome, CopyState.OFF)
+        return True
+
+    # ------------------------------------------------------------ outcomes
+
+    def _record_sent(self, outcome: Finish, copy: CopyState) -> None:
+        self.journal.finish(dataclasses.replace(outcome, sent_copy=copy))
+        self.tally.sent += 1
+
+    def _fail(self, item: _Item, error: SyncError,
+              results: Sequence[RecipientResult]) -> None:
+        self.journal.finish(Finish(
+            item.claimed.email_id, EmailStatus.FAILED, item.claimed.attempts, self.clock(),
+            error=str(error), error_code=error.code, recipients=tuple(results)))
+        self.tally.failed += 1
+
+    def _retry(self, item: _Item, error: SyncError,
+               results: Sequence[RecipientResult]) -> None:
+        attempts = item.claimed.attempts
+        if attempts >= MAX_ATTEMPTS:
+            self._fail(item, TransientError(
+                f"gave up after {attempts} attempts; last error: {error.message}",
+                code=error.code), results)
+            return
+        now = self.clock()
+        retry_after = getattr(error, "retry_after", None)
+        self.journal.finish(Finish(
+            item.claimed.email_id, EmailStatus.PENDING_SEND, attempts, now,
+            next_attempt_at=now + backoff(attempts, retry_after), error=str(error),
+            error_code=error.code, recipients=tuple(results)))
+        self.tally.retried += 1
+
+    # ------------------------------------------------------------ Sent folder
+
+    async def _open_sent_folder(self) -> SentFolder | None:
+        """The Sent folder, opened once per run; None when it cannot be reached."""
+        if self.sent_folder is not None or self.sent_folder_error is not None:
+            return self.sent_folder
+        assert self.profile.incoming is not None
+        try:
+            login = rules.login_for(self.profile, self.mailbox, Channel.INCOMING)
+            folder = SentFolder(self.profile.incoming, login, self.options)
+            self.sent_folder = folder
+            await folder.open()
+        except SyncError as exc:
+            if self.sent_folder is not None:
+                await self.sent_folder.close()
+                self.sent_folder = None
+            self.sent_folder_error = exc
+            log.warning("Sent folder of %s unavailable: %s", self.mailbox.address, exc.message)
+        return self.sent_folder
+
+    async def _copy_loop(self) -> None:
+        """Append accepted messages to Sent in batches, then record them as Sent."""
+        while self._copies:
+            batch, self._copies = self._copies, []
+            folder = await self._open_sent_folder()
+            copy_state, note = CopyState.PENDING, None
+            if folder is not None:
+                try:
+                    await folder.append([(c.sent_copy, i.claimed.date_header)
+                                         for i, c, _ in batch])
+                    copy_state = CopyState.DONE
+                except PermanentError as exc:
+                    copy_state, note = CopyState.FAILED, f"Sent copy not made: {exc.message}"
+                except SyncError as exc:  # retried by the next run
+                    log.warning("Sent copy for %s deferred: %s", self.mailbox.address,
+                                exc.message)
+                    await folder.close()
+                    self.sent_folder = None
+            _crash_point("after-sent-copy")
+            for _, _, outcome in batch:
+                if note:
+                    outcome = dataclasses.replace(
+                        outcome, error="; ".join(e for e in (outcome.error, note) if e))
+                self._record_sent(outcome, copy_state)
+
+    async def _finish_copies(self) -> None:
+        while self._copy_task is not None and not self._copy_task.done():
+            await self._copy_task
+
+    # ------------------------------------------------------------ recovery
+
+    async def _recover(self) -> None:
+        """Settle what a crashed run left in Sending, and make late Sent copies."""
+        now = self.clock()
+        async with self.db.transaction() as repo:
+            store = OutgoingStore(repo.session)
+            stale = await store.stale(self.mailbox.address, now)
+            taken = set(await store.retake([c.email_id for c in stale], now,
+                                           lease=self.service.lease, owner=self.service.worker))
+            stale = [c for c in stale if c.email_id in taken]
+            untried = [c.email_id for c in stale if c.phase is Phase.CLAIMED]
+            await store.release(untried, now)
+            copies = await store.pending_copies(self.mailbox.address) \
+                if self.copies_possible else []
+        self.tally.released += len(untried)
+        uncertain = [c for c in stale if c.phase is not Phase.CLAIMED]
+        if not uncertain and not copies:
+            return
+        folder = await self._open_sent_folder() if self.copies_possible else None
+        outcomes: list[Finish] = []
+        for claimed in uncertain:
+            found = False
+            if folder is not None and claimed.save_to_sent:
+                try:
+                    found = await folder.contains(claimed.message_id)
+                except SyncError as exc:  # cannot decide now: leave it for the next run
+                    log.warning("cannot check the Sent folder of %s: %s",
+                                self.mailbox.address, exc.message)
+                    continue
+            elif claimed.save_to_sent and self.copies_possible:
+                continue  # Sent folder unreachable: decide in a later run
+            if found:
+                outcomes.append(Finish(
+                    claimed.email_id, EmailStatus.SENT, claimed.attempts, now,
+                    sent_copy=CopyState.DONE, accepted_at=None,
+                    error="an interrupted run had sent it; its copy in the Sent folder "
+                          "proves the server accepted it", error_code="recovered"))
+                self.tally.recovered += 1
+            else:
+                outcomes.append(Finish(
+                    claimed.email_id, EmailStatus.FAILED, claimed.attempts, now,
+                    error="a run was interrupted while this email was being submitted; the "
+                          "server may or may not have accepted it, so it is not sent again "
+                          "automatically", error_code="outcome-unknown"))
+                self.tally.failed += 1
+        if copies:
+            await self._late_copies(copies, folder)
+        if outcomes:
+            async with self.db.transaction() as repo:
+                await OutgoingStore(repo.session).finish(outcomes)
+
+    async def _late_copies(self, copies: Sequence[Claimed], folder: SentFolder | None) -> None:
+        """Sent-folder copies that failed earlier: rebuild (same bytes) and append once."""
+        if folder is None:
+            return
+        async with self.db.transaction() as repo:
+            activities = await EmailStore(repo.session).get_many(
+                [c.email_id for c in copies], with_content=True)
+        done: list[tuple[int, CopyState, str | None]] = []
+        for claimed in copies:
+            try:
+                if not await folder.contains(claimed.message_id):
+                    composed = compose(activities[claimed.email_id], date=claimed.date_header,
+                                       smtputf8_offered=True, on_behalf_of=self.on_behalf_of,
+                                       priority=claimed.priority)
+                    await folder.append([(composed.sent_copy, claimed.date_header)])
+                    self.tally.copies += 1
+                done.append((claimed.email_id, CopyState.DONE, None))
+            except PermanentError as exc:
+                done.append((claimed.email_id, CopyState.FAILED,
+                             f"Sent copy not made: {exc.message}"))
+            except SyncError as exc:
+                log.warning("late Sent copy for %s deferred: %s", self.mailbox.address,
+                            exc.message)
+                break
+        async with self.db.transaction() as repo:
+            await OutgoingStore(repo.session).set_copy(done, self.clock())
+
+
+def _results(refused: dict[str, tuple[int, str]]) -> tuple[RecipientResult, ...]:
+    return tuple(RecipientResult(a, RecipientStatus.DEFERRED if 400 <= c < 500
+                                 else RecipientStatus.REJECTED, c, m)
+                 for a, (c, m) in refused.items())
