@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv servers servers-stop lint typecheck contracts test unit demo bench bench-incoming bench-outgoing bench-act bench-scale clean
+.PHONY: venv servers browser servers-stop lint typecheck contracts test unit demo bench bench-incoming bench-outgoing bench-act bench-scale clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,7 +35,11 @@ typecheck: venv
 contracts: venv
 	$(BIN)/lint-imports
 
-test: lint typecheck contracts servers
+# Debian's Chromium for the admin UI's Playwright tests (no browser downloads).
+browser:
+	bash testservers/install-browser.sh
+
+test: lint typecheck contracts servers browser
 	$(BIN)/pytest -q -p no:cacheprovider
 
 unit: venv
