@@ -1,0 +1,442 @@
+"""A loopback Microsoft Graph (v1.0) and Microsoft identity platform token endpoint.
+
+Implements what `serversync.connectors.graph` uses, in the shapes of Microsoft's Graph and
+identity platform references (see ``tests/fixtures/graph/*.json``, each naming its page):
+
+* ``POST /{tenant}/oauth2/v2.0/token`` — client credentials; a wrong secret answers
+  ``invalid_client`` with ``AADSTS7000215``, an unknown app ``unauthorized_client`` with
+  ``AADSTS700016``; tokens are JWT-shaped with the app's ``roles`` and can be expired;
+* mail folders, ``messages/delta`` (nextLink/deltaLink, ``Prefer: odata.maxpagesize``),
+  ``messages/{id}/$value``, ``sendMail`` (base64 MIME), PATCH, move and DELETE;
+* ``calendar``, ``calendarView/delta``, ``events``; ``contacts`` and ``contacts/delta``;
+  ``todo/lists`` and ``todo/lists/{id}/tasks(/delta)``; ETags with ``If-Match`` (412);
+* ``/subscriptions`` create, renew (PATCH) and delete, with the 4230-minute limit;
+* errors: 401 ``InvalidAuthenticationToken``, 403 ``ErrorAccessDenied`` (role missing),
+  404 ``MailboxNotEnabledForRESTAPI`` and ``ErrorInvalidUser``, 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import itertools
+import json
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.fakes.loopback import LoopbackServer, Recorded, Reply
+
+ROLES_ALL = frozenset({"Mail.ReadWrite", "Mail.Send", "Calendars.ReadWrite",
+                       "Contacts.ReadWrite", "Tasks.ReadWrite.All"})
+MAX_SUBSCRIPTION = dt.timedelta(minutes=4230)
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+@dataclass
+class App:
+    client_id: str
+    secret: str
+    roles: set[str] = field(default_factory=lambda: set(ROLES_ALL))
+
+
+@dataclass
+class Collection:
+    """Items with a change log, for delta queries (sequence, id, removed)."""
+
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log: list[tuple[int, str, bool]] = field(default_factory=list)
+
+
+@dataclass
+class User:
+    address: str
+    licensed: bool = True
+    collections: dict[str, Collection] = field(default_factory=dict)
+    mime: dict[str, bytes] = field(default_factory=dict)
+
+    def collection(self, name: str) -> Collection:
+        return self.collections.setdefault(name, Collection())
+
+
+class GraphServer:
+    def __init__(self, tenant: str = "contoso-tenant") -> None:
+        self.tenant = tenant
+        self.apps: dict[str, App] = {}
+        self.users: dict[str, User] = {}
+        self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client id, expiry)
+        self.throttle: list[float] = []  # Retry-After values for the next API requests
+        self.token_lifetime = 3600
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.sent: list[tuple[str, bytes]] = []
+        self._ids = itertools.count(1)
+        self._seq = itertools.count(1)
+        self._lock = threading.RLock()
+        self.http = LoopbackServer(self.handle)
+
+    # ------------------------------------------------------------ set-up helpers
+
+    @property
+    def requests(self) -> list[Recorded]:
+        return self.http.requests
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.http.base_url}/v1.0"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.http.base_url}/{self.tenant}/oauth2/v2.0/token"
+
+    def start(self) -> GraphServer:
+        self.http.start()
+        return self
+
+    def stop(self) -> None:
+        self.http.stop()
+
+    def add_app(self, client_id: str, secret: str, roles: set[str] | None = None) -> App:
+        app = App(client_id, secret, set(ROLES_ALL) if roles is None else roles)
+        self.apps[client_id] = app
+        return app
+
+    def add_user(self, address: str, *, licensed: bool = True) -> User:
+        user = self.users.setdefault(address, User(address, licensed))
+        for name in ("inbox", "sentitems", "events", "contacts"):
+            user.collection(name)
+        user.collection("todo:tasks-default")
+        return user
+
+    def expire_tokens(self) -> None:
+        with self._lock:
+            self.tokens = {t: (c, 0.0) for t, (c, _) in self.tokens.items()}
+
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}{next(self._ids):06d}"
+
+    def put(self, address: str, collection: str, item: dict[str, Any],
+            item_id: str | None = None) -> dict[str, Any]:
+        """Create or replace an item (as a user editing in Outlook would); bumps its ETag."""
+        with self._lock:
+            coll = self.users[address].collection(collection)
+            item_id = item_id or item.get("id") or self._new_id(collection[:3].upper())
+            old = coll.items.get(item_id, {})
+            version = int(str(old.get("changeKey", "CK0"))[2:]) + 1
+            stored = {**old, **item, "id": item_id, "changeKey": f"CK{version}",
+                      "@odata.etag": f'W/"CK{version}"'}
+            coll.items[item_id] = stored
+            coll.log.append((next(self._seq), item_id, False))
+            return dict(stored)
+
+    def remove(self, address: str, collection: str, item_id: str) -> None:
+        with self._lock:
+            coll = self.users[address].collection(collection)
+            del coll.items[item_id]
+            coll.log.append((next(self._seq), item_id, True))
+
+    def deliver(self, address: str, mime: bytes, subject: str = "",
+                folder: str = "inbox") -> str:
+        with self._lock:
+            item = self.put(address, folder, {
+                "subject": subject, "internetMessageId": f"<m{next(self._ids)}@graph.test>",
+                "receivedDateTime": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "parentFolderId": folder})
+            self.users[address].mime[item["id"]] = mime
+            return str(item["id"])
+
+    # ------------------------------------------------------------ HTTP
+
+    def handle(self, request: Recorded) -> Reply:
+        with self._lock:
+            path, _, query = request.path.partition("?")
+            params = dict(urllib.parse.parse_qsl(query))
+            if path == f"/{self.tenant}/oauth2/v2.0/token" and request.method == "POST":
+                return self._token(request)
+            if not path.startswith("/v1.0/"):
+                return _json(404, _err("NotFound", "no such endpoint"))
+            app = self._bearer(request)
+            if isinstance(app, Reply):
+                return app
+            if self.throttle:
+                wait = self.throttle.pop(0)
+                return _json(429, _err("ApplicationThrottled", "Application is over its "
+                                       "MailboxConcurrency limit."),
+                             {"Retry-After": str(int(wait) if wait == int(wait) else wait)})
+            parts = [urllib.parse.unquote(p) for p in path[len("/v1.0/"):].split("/")]
+            if parts[0] == "subscriptions":
+                return self._subscriptions(request, app, parts[1:])
+            if parts[0] != "users" or len(parts) < 3:
+                return _json(400, _err("BadRequest", "unsupported path"))
+            user = self.users.get(parts[1].lower())
+            if user is None:
+                return _json(404, _err("ErrorInvalidUser",
+                                       f"The requested user '{parts[1]}' is invalid."))
+            if not user.licensed:
+                return _json(404, _err("MailboxNotEnabledForRESTAPI",
+                                       "The mailbox is either inactive, soft-deleted, or is "
+                                       "hosted on-premise."))
+            return self._user(request, app, user, parts[2:], params)
+
+    def _token(self, request: Recorded) -> Reply:
+        form = dict(urllib.parse.parse_qsl(request.body.decode()))
+        app = self.apps.get(form.get("client_id", ""))
+        if form.get("grant_type") != "client_credentials":
+            return _json(400, {"error": "unsupported_grant_type"})
+        if app is None:
+            return _json(400, {"error": "unauthorized_client", "error_codes": [700016],
+                               "error_description": "AADSTS700016: Application with "
+                               f"identifier '{form.get('client_id')}' was not found in the "
+                               f"directory '{self.tenant}'."})
+        if form.get("client_secret") != app.secret:
+            return _json(401, {"error": "invalid_client", "error_codes": [7000215],
+                               "error_description": "AADSTS7000215: Invalid client secret "
+                               "provided. Ensure the secret being sent in the request is the "
+                               "client secret value, not the client secret ID."})
+        if form.get("scope") != "https://graph.microsoft.com/.default":
+            return _json(400, {"error": "invalid_scope", "error_codes": [1002012]})
+        expires = time.time() + self.token_lifetime
+        token = ".".join([_b64({"typ": "JWT", "alg": "none"}),
+                          _b64({"aud": "https://graph.microsoft.com", "appid": app.client_id,
+                                "roles": sorted(app.roles), "tid": self.tenant,
+                                "exp": int(expires), "n": next(self._ids)}), "sig"])
+        self.tokens[token] = (app.client_id, expires)
+        return _json(200, {"token_type": "Bearer", "expires_in": self.token_lifetime,
+                           "ext_expires_in": self.token_lifetime, "access_token": token})
+
+    def _bearer(self, request: Recorded) -> App | Reply:
+        header = request.headers.get("authorization", "")
+        entry = self.tokens.get(header[7:]) if header.startswith("Bearer ") else None
+        if entry is None:
+            return _json(401, _err("InvalidAuthenticationToken", "Access token is empty."))
+        client_id, expires = entry
+        if expires < time.time():
+            return _json(401, _err("InvalidAuthenticationToken",
+                                   "Lifetime validation failed, the token is expired."))
+        return self.apps[client_id]
+
+    def _need(self, app: App, *roles: str) -> Reply | None:
+        if app.roles & set(roles):
+            return None
+        return _json(403, _err("ErrorAccessDenied", "Access is denied. Check credentials and "
+                                                    "try again."))
+
+    # ------------------------------------------------------------ users/{id}/...
+
+    def _user(self, request: Recorded, app: App, user: User, parts: list[str],
+              params: dict[str, str]) -> Reply:
+        method = request.method
+        head = parts[0]
+        read_mail = ("Mail.ReadWrite", "Mail.Read")
+        if head == "mailFolders":
+            denied = self._need(app, *read_mail)
+            if denied:
+                return denied
+            if len(parts) == 1:
+                wanted = params.get("$filter", "").partition("eq ")[2].strip("'")
+                found = [{"id": n, "displayName": n} for n in user.collections
+                         if n.lower() == wanted.lower()]
+                return _json(200, {"value": found})
+            folder = parts[1].lower()
+            if folder not in user.collections or folder.startswith(("todo:", "events",
+                                                                    "contacts")):
+                return _json(404, _err("ErrorItemNotFound", "The specified object was not "
+                                                            "found in the store."))
+            if len(parts) == 2:
+                return _json(200, {"id": folder, "displayName": folder.capitalize(),
+                                   "totalItemCount": len(user.collection(folder).items)})
+            if parts[2:] == ["messages", "delta"]:
+                return self._delta(request, user.collection(folder), params, _message_view)
+        if head == "sendMail" and method == "POST":
+            denied = self._need(app, "Mail.Send")
+            if denied:
+                return denied
+            if request.headers.get("content-type", "").split(";")[0] != "text/plain":
+                return _json(400, _err("ErrorMimeContentInvalid", "expected base64 MIME"))
+            mime = base64.b64decode(request.body)
+            self.sent.append((user.address, mime))
+            item = self.put(user.address, "sentitems", {"subject": "", "isDraft": False})
+            user.mime[item["id"]] = mime
+            return Reply(202)
+        if head == "messages" and len(parts) >= 2:
+            denied = self._need(app, *read_mail)
+            if denied:
+                return denied
+            found = next(((n, c) for n, c in user.collections.items() if parts[1] in c.items),
+                         None)
+            if found is None:
+                return _json(404, _err("ErrorItemNotFound", "The specified object was not "
+                                                            "found in the store."))
+            name, coll = found
+            if len(parts) == 3 and parts[2] == "$value" and method == "GET":
+                return Reply(200, user.mime[parts[1]], {"Content-Type": "text/plain"})
+            if len(parts) == 2 and method == "PATCH":
+                return _json(200, _message_view(self.put(user.address, name,
+                                                         json.loads(request.body), parts[1])))
+            if len(parts) == 2 and method == "DELETE":
+                self.remove(user.address, name, parts[1])
+                return Reply(204)
+            if len(parts) == 3 and parts[2] == "move" and method == "POST":
+                target = str(json.loads(request.body)["destinationId"]).lower()
+                item = coll.items[parts[1]]
+                self.remove(user.address, name, parts[1])
+                moved = self.put(user.address, target, {**item, "parentFolderId": target},
+                                 parts[1])
+                return _json(201, _message_view(moved))
+        if head == "calendar" and len(parts) == 1:
+            return self._need(app, "Calendars.ReadWrite") or _json(
+                200, {"id": "calendar", "name": "Calendar"})
+        if head == "calendarView" and parts[1:] == ["delta"]:
+            denied = self._need(app, "Calendars.ReadWrite")
+            if denied:
+                return denied
+            if "$deltatoken" not in params and "$skiptoken" not in params and not (
+                    "startDateTime" in params and "endDateTime" in params):
+                return _json(400, _err("ErrorInvalidParameter",
+                                       "startDateTime and endDateTime are required"))
+            return self._delta(request, user.collection("events"), params, dict)
+        if head in ("events", "contacts"):
+            role = "Calendars.ReadWrite" if head == "events" else "Contacts.ReadWrite"
+            denied = self._need(app, role)
+            if denied:
+                return denied
+            if parts[1:] == ["delta"]:
+                return self._delta(request, user.collection(head), params, dict)
+            return self._crud(request, user, head, parts[1:], params)
+        if head == "todo" and len(parts) >= 2 and parts[1] == "lists":
+            denied = self._need(app, "Tasks.ReadWrite.All", "Tasks.ReadWrite")
+            if denied:
+                return denied
+            if len(parts) == 2:
+                return _json(200, {"value": [{"id": "tasks-default", "displayName": "Tasks",
+                                              "wellknownListName": "defaultList"}]})
+            collection = f"todo:{parts[2]}"
+            if collection not in user.collections:
+                return _json(404, _err("ErrorItemNotFound", "list not found"))
+            if parts[3:] == ["tasks", "delta"]:
+                return self._delta(request, user.collection(collection), params, dict)
+            if len(parts) >= 4 and parts[3] == "tasks":
+                return self._crud(request, user, collection, parts[4:], params)
+        return _json(400, _err("BadRequest", f"unsupported: {method} {'/'.join(parts)}"))
+
+    def _crud(self, request: Recorded, user: User, collection: str, rest: list[str],
+              params: dict[str, str]) -> Reply:
+        coll = user.collection(collection)
+        method = request.method
+        if not rest:
+            if method == "POST":
+                return _json(201, self.put(user.address, collection, json.loads(request.body)))
+            top = int(params.get("$top", "100"))
+            return _json(200, {"value": list(coll.items.values())[:top]})
+        item_id = rest[0]
+        item = coll.items.get(item_id)
+        if item is None:
+            return _json(404, _err("ErrorItemNotFound", "The specified object was not found "
+                                                        "in the store."))
+        match = request.headers.get("if-match")
+        if match and match != item["@odata.etag"]:
+            return _json(412, _err("ErrorIrresolvableConflict", "The change key passed in "
+                                   "the request does not match the current change key for the "
+                                   "item."))
+        if method == "GET":
+            return _json(200, item)
+        if method == "PATCH":
+            return _json(200, self.put(user.address, collection, json.loads(request.body),
+                                       item_id))
+        if method == "DELETE":
+            self.remove(user.address, collection, item_id)
+            return Reply(204)
+        return _json(405, _err("MethodNotAllowed", method))
+
+    def _delta(self, request: Recorded, coll: Collection, params: dict[str, str],
+               view: Any) -> Reply:
+        prefer = request.headers.get("prefer", "")
+        size = int(prefer.partition("odata.maxpagesize=")[2] or 10)
+        path = request.path.partition("?")[0]
+        if "$deltatoken" in params or "$skiptoken" in params:
+            token = params.get("$deltatoken") or params["$skiptoken"]
+            try:
+                since = int(token.partition("-")[0])
+                initial = token.endswith("-i")
+            except ValueError:
+                return _json(410, _err("SyncStateNotFound", "The sync state is invalid."))
+        else:
+            since, initial = 0, True
+        pending = [entry for entry in coll.log if entry[0] > since]
+        if initial:
+            # A first round lists what is there now, not the history; its pages carry "-i".
+            latest: dict[str, int] = {}
+            for seq, item_id, removed in pending:
+                if removed:
+                    latest.pop(item_id, None)
+                else:
+                    latest[item_id] = seq
+            pending = sorted(((s, i, False) for i, s in latest.items()))
+        page, rest = pending[:size], pending[size:]
+        values: list[dict[str, Any]] = []
+        for _seq, item_id, removed in page:
+            if removed or item_id not in coll.items:
+                values.append({"id": item_id, "@removed": {"reason": "deleted"}})
+            else:
+                values.append(view(coll.items[item_id]))
+        base = self.http.base_url + path
+        if rest:
+            last = page[-1][0]
+            link = {"@odata.nextLink": f"{base}?$skiptoken={last}{'-i' if initial else ''}"}
+        else:
+            last = coll.log[-1][0] if coll.log else 0
+            link = {"@odata.deltaLink": f"{base}?$deltatoken={last}"}
+        return _json(200, {"@odata.context": "fake", "value": values, **link})
+
+    # ------------------------------------------------------------ subscriptions
+
+    def _subscriptions(self, request: Recorded, app: App, rest: list[str]) -> Reply:
+        now = dt.datetime.now(dt.UTC)
+        if request.method == "POST" and not rest:
+            body = json.loads(request.body)
+            expires = dt.datetime.fromisoformat(body["expirationDateTime"].replace("Z", "+00:00"))
+            if expires - now > MAX_SUBSCRIPTION:
+                return _json(400, _err("ExtensionError", "Subscription expiration can only "
+                                       "be 4230 minutes in the future."))
+            resource = str(body["resource"])
+            address = resource.split("/")[1].lower() if resource.startswith("users/") else ""
+            if address not in self.users:
+                return _json(404, _err("ErrorInvalidUser", f"The requested user "
+                                                           f"'{address}' is invalid."))
+            sub = {"id": self._new_id("SUB-"), "resource": resource,
+                   "changeType": body["changeType"], "clientState": body.get("clientState"),
+                   "notificationUrl": body["notificationUrl"],
+                   "expirationDateTime": body["expirationDateTime"],
+                   "applicationId": app.client_id}
+            self.subscriptions[sub["id"]] = sub
+            return _json(201, sub)
+        if len(rest) == 1 and rest[0] in self.subscriptions:
+            sub = self.subscriptions[rest[0]]
+            if request.method == "PATCH":
+                body = json.loads(request.body)
+                sub["expirationDateTime"] = body["expirationDateTime"]
+                return _json(200, sub)
+            if request.method == "DELETE":
+                del self.subscriptions[rest[0]]
+                return Reply(204)
+        return _json(404, _err("ResourceNotFound", "The object was not found."))
+
+
+def _message_view(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k in (
+        "id", "subject", "internetMessageId", "receivedDateTime", "parentFolderId", "flag",
+        "changeKey", "@odata.etag")}
+
+
+def _err(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message,
+                      "innerError": {"date": "2026-01-01T00:00:00", "request-id": "fake"}}}
+
+
+def _json(status: int, data: dict[str, Any], headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, json.dumps(data).encode(),
+                 {"Content-Type": "application/json", **(headers or {})})
