@@ -10,6 +10,7 @@ from serversync.config import Settings
 from serversync.connectors import alertmail, dav, imap, imappush, pop3, smtp
 from serversync.core.model import Alert, Channel, Profile, ServerKind
 from serversync.services import ProberRegistry, Services, connect_options
+from serversync.services.act import ActJob, StoreFactory
 from serversync.services.incoming import IncomingJob, SourceFactory
 from serversync.store.crypto import load_keyring
 from serversync.store.db import Database
@@ -25,6 +26,9 @@ PROBERS: ProberRegistry = {
 # Incoming mail sources per server kind (services.incoming).
 INCOMING_SOURCES: dict[ServerKind, SourceFactory] = {ServerKind.IMAP: imap.source,
                                                      ServerKind.POP3: pop3.source}
+
+# Appointment, contact and task stores per server kind (services.act).
+ACT_STORES: dict[ServerKind, StoreFactory] = {ServerKind.IMAP: dav.store}
 
 # Push watchers per server kind (runtime.push); other kinds are polled.
 PUSHERS = {ServerKind.IMAP: imappush.watch}
@@ -43,4 +47,5 @@ async def services(settings: Settings, *, migrate: bool = True) -> Services:
     db = database(settings)
     if migrate:
         await db.migrate()
-    return Services(db, PROBERS, jobs={Channel.INCOMING: IncomingJob(db, INCOMING_SOURCES)})
+    return Services(db, PROBERS, jobs={Channel.INCOMING: IncomingJob(db, INCOMING_SOURCES),
+                                         Channel.ACT: ActJob(db, ACT_STORES)})

@@ -421,6 +421,12 @@ class ActStore:
         await self.session.execute(delete(table).where(
             table.uid.in_(uids), table.deleted_at.is_not(None), table.uid.not_in(linked)))
 
+    async def purge_now(self, kind: ItemKind, uid: str) -> None:
+        """Drop a tombstone even though a status row still names it (a kept server copy)."""
+        table = _ROW[kind]
+        await self.session.execute(delete(table).where(table.uid == uid,
+                                                       table.deleted_at.is_not(None)))
+
     async def rows(self, kind: ItemKind,
                    uids: Sequence[str]) -> dict[str, tuple[Record, dt.datetime | None]]:
         """Records (live or tombstoned) by UID, with their tombstone time."""
@@ -460,7 +466,7 @@ class ActStore:
                                        status.kind == kind.value)))
         orphans = select(status.ident).where(
             status.collection_id == collection.id, status.kind == kind.value,
-            status.ident.not_in(select(table.uid)))
+            status.app_hash.is_not(None), status.ident.not_in(select(table.uid)))
         out: set[str] = set()
         for query in (linked_changed, unlinked, orphans):
             out.update(await self.session.scalars(query))
