@@ -94,6 +94,7 @@ async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Log
 _FAST_FETCH = re.compile(
     rb'^\* \d+ FETCH \((?=.*?\bUID (\d+))(?:(?:UID \d+|RFC822\.SIZE \d+|MODSEQ \(\d+\)|'
     rb'INTERNALDATE "([^"]*)"|FLAGS \([^()]*\)) )*BODY\[\] \{\d+\}$')
+_FETCH_HEAD = re.compile(rb"^\* (\d+) FETCH ", re.IGNORECASE)  # imaplib drops "* " and "FETCH"
 _SELECT_CODE = re.compile(rb"\[(UIDVALIDITY|UIDNEXT|HIGHESTMODSEQ) (\d+)\]")
 _EXISTS = re.compile(rb"^\* (\d+) EXISTS")
 _LIST = re.compile(rb'^\* LIST \(([^)]*)\) (?:"(?:[^"\\]|\\.)*"|NIL) (.*)$')
@@ -166,16 +167,16 @@ def parse_fetch(untagged: Sequence[Sequence[Item]]) -> list[tuple[int, bytes, dt
     for response in untagged:
         first = response[0]
         if not isinstance(first, tuple):
-            if b" FETCH " in first[:30]:
-                slow.append(first[2:])
+            if _FETCH_HEAD.match(first):
+                slow.append(_FETCH_HEAD.sub(rb"\1 ", first, count=1))
             continue
         match = _FAST_FETCH.match(first[0])
         if match and len(response) == 2 and response[1] == b")":
             found.append((int(match.group(1)), first[1], _internal_date(match.group(2))))
             continue
-        if b" FETCH " not in first[0][:30]:
+        if not _FETCH_HEAD.match(first[0]):
             continue
-        slow.append((first[0][2:], first[1]))
+        slow.append((_FETCH_HEAD.sub(rb"\1 ", first[0], count=1), first[1]))
         slow.extend(response[1:])
     if slow:
         parsed = parse_fetch_response(slow, normalise_times=False, uid_is_key=True)
