@@ -24,6 +24,8 @@ from serversync.core.email import (
     EmailActivity,
     EmailStatus,
     Recipient,
+)
+from serversync.core.email import (
     Role as AddressRole,
 )
 from serversync.core.model import Alert, Channel, Severity
