@@ -7,7 +7,7 @@ tests import it; nothing else does.
 from __future__ import annotations
 
 from serversync.config import Settings
-from serversync.connectors import alertmail, dav, imap, imappush, pop3, smtp
+from serversync.connectors import alertmail, dav, ews, gmail, graph, imap, imappush, pop3, smtp
 from serversync.core.model import Alert, Channel, Profile, ServerKind
 from serversync.services import ProberRegistry, Services, connect_options
 from serversync.services.act import ActJob, StoreFactory
@@ -21,11 +21,21 @@ PROBERS: ProberRegistry = {
     (ServerKind.IMAP, Channel.ACT): dav.probe,
     (ServerKind.POP3, Channel.INCOMING): pop3.probe,
     (ServerKind.POP3, Channel.OUTGOING): smtp.probe,
+    (ServerKind.EXCHANGE, Channel.INCOMING): ews.probe,
+    (ServerKind.EXCHANGE, Channel.OUTGOING): ews.probe,
+    (ServerKind.EXCHANGE, Channel.ACT): ews.probe,
+    (ServerKind.EXCHANGE_ONLINE, Channel.INCOMING): graph.probe,
+    (ServerKind.EXCHANGE_ONLINE, Channel.OUTGOING): graph.probe,
+    (ServerKind.EXCHANGE_ONLINE, Channel.ACT): graph.probe,
+    (ServerKind.GMAIL, Channel.INCOMING): gmail.probe,
+    (ServerKind.GMAIL, Channel.OUTGOING): gmail.probe,
 }
 
 # Incoming mail sources per server kind (services.incoming).
 INCOMING_SOURCES: dict[ServerKind, SourceFactory] = {ServerKind.IMAP: imap.source,
                                                      ServerKind.POP3: pop3.source}
+INCOMING_SOURCES.update({ServerKind.EXCHANGE: ews.source, ServerKind.EXCHANGE_ONLINE: graph.source,
+                         ServerKind.GMAIL: gmail.source})
 
 # Appointment, contact and task stores per server kind (services.act).
 ACT_STORES: dict[ServerKind, StoreFactory] = {ServerKind.IMAP: dav.store}

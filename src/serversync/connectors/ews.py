@@ -30,7 +30,7 @@ import asyncio
 import datetime as dt
 import threading
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -59,7 +59,14 @@ from exchangelib.services import CreateItem, SyncFolderItems
 from exchangelib.version import EXCHANGE_2013_SP1
 
 from serversync.connectors.net import ConnectOptions, translate
-from serversync.connectors.protocols import ProbeResult
+from serversync.connectors.protocols import (
+    Disposition,
+    FetchBatch,
+    FolderCursor,
+    KnownFilter,
+    ProbeResult,
+    RemoteMessage,
+)
 from serversync.core.errors import (
     AuthError,
     ConfigError,
@@ -512,3 +519,98 @@ async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Log
            AccessMode.DELEGATION: f"as delegate {login_name(login)}"}.get(
         login.mode, f"as {login_name(login)}")
     return ProbeResult(f"EWS {ews.where}: {mailbox.address} {how}: {found}")
+
+
+# ---------------------------------------------------------------- incoming mail source
+
+# Configured folder names → EWS distinguished folder ids. Only the well-known folders are
+# reachable this way; other folders would need FindFolder by display name (not yet done).
+_MAIL_FOLDERS = {"inbox": "inbox", "sent": "sentitems", "sent items": "sentitems",
+                 "sentitems": "sentitems"}
+
+
+class EwsSource:
+    """A mailbox's Inbox (and Sent Items) over EWS as a `protocols.MailSource`.
+
+    The cursor is the folder's SyncState (``FolderCursor.token``): each batch is one
+    SyncFolderItems page of at most ``batch_size`` changes whose new messages are read with
+    GetItem (MimeContent). Messages already processed (``known``) are not downloaded again,
+    so a replay after a crash, or a resync after the server dropped our SyncState, costs one
+    listing and no duplicates. Remote ids are EWS ItemIds.
+    """
+
+    def __init__(self, profile: Profile, mailbox: Mailbox, login: Login,
+                 options: ConnectOptions) -> None:
+        self.mailbox = mailbox
+        self.ews = EwsMailbox(profile, login, options)
+
+    async def open(self) -> None:
+        await self.ews.folder_count("inbox")  # connect, check access and the mailbox
+
+    async def close(self) -> None:
+        await self.ews.close()
+
+    async def resolve_folder(self, folder: str) -> str:
+        name = _MAIL_FOLDERS.get(folder.strip().lower())
+        if name is None:
+            raise PermanentError(
+                f"EWS: folder {folder!r} of {self.mailbox.address} cannot be synced; only the "
+                "Inbox and Sent Items are reachable over EWS here",
+                fix="set the mailbox's folders to INBOX (and Sent)", code="folder-not-found")
+        return name
+
+    async def fetch(self, folder: str, cursor: FolderCursor | None, *, batch_size: int,
+                    known: KnownFilter) -> AsyncGenerator[FetchBatch, None]:
+        name: Any = await self.resolve_folder(folder)
+        token = cursor.token if cursor is not None else None
+        while True:
+            try:
+                page = await self.ews.sync(name, token, max_changes=batch_size)
+            except StaleCursor:
+                if token is None:
+                    raise
+                token = None  # read the folder again; `known` skips what we have
+                continue
+            created = [c.item_id for c in page.changes if c.kind == "create"]
+            seen = await known(created) if created else set()
+            wanted = [i for i in created if i not in seen]
+            messages: list[RemoteMessage] = []
+            for item_id, found in zip(wanted, await self.ews.fetch_mime(wanted) if wanted
+                                      else [], strict=True):
+                if isinstance(found, NotFound):
+                    continue  # deleted between the listing and the read: nothing to track
+                if isinstance(found, ItemError):
+                    found = b""  # kept as an empty message; the service quarantines it
+                if isinstance(found, SyncError):
+                    raise found
+                messages.append(RemoteMessage(folder, item_id, found))
+            yield FetchBatch(folder, messages, FolderCursor(token=page.cursor))
+            token = page.cursor
+            if not page.more:
+                return
+
+    async def finish(self, folder: str, dispositions: Sequence[Disposition]) -> None:
+        """Leave, or delete (to Deleted Items); flag and move are not offered on EWS yet."""
+        doomed = [d.remote_id for d in dispositions if d.action == "delete"]
+        unsupported = sorted({d.action for d in dispositions
+                              if d.action not in ("leave", "delete")})
+        if doomed:
+            def work() -> None:
+                account = self.ews._connect()
+                for result in account.bulk_delete(ids=[(i, None) for i in doomed],
+                                                  delete_type="MoveToDeletedItems"):
+                    if isinstance(result, Exception) and not isinstance(
+                            result, ews_errors.ErrorItemNotFound):
+                        raise result
+            await self.ews._run(work)
+        if unsupported:
+            raise PermanentError(
+                f"EWS: after-processing {', '.join(unsupported)} is not supported for "
+                f"{self.mailbox.address}", fix="set after_processing to leave (or delete for "
+                "queues)", code="unsupported-disposition")
+
+
+def source(profile: Profile, mailbox: Mailbox, login: Login,
+           options: ConnectOptions) -> EwsSource:
+    """The incoming source of an Exchange (EWS) mailbox (`services.incoming` factory)."""
+    return EwsSource(profile, mailbox, login, options)

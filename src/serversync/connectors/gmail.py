@@ -39,7 +39,15 @@ from serversync.connectors.oauth import AccessToken, TokenCache
 from serversync.connectors.protocols import ProbeResult
 from serversync.connectors.smtp import classify_reply
 from serversync.core.errors import AuthError, ConfigError, TransientError
-from serversync.core.model import Channel, CredentialSource, Endpoint, Mailbox, Profile, TlsMode
+from serversync.core.model import (
+    AfterProcessing,
+    Channel,
+    CredentialSource,
+    Endpoint,
+    Mailbox,
+    Profile,
+    TlsMode,
+)
 from serversync.core.rules import Login
 
 TOKEN_URL = "https://oauth2.googleapis.com/token"
@@ -92,7 +100,7 @@ async def access_token(profile: Profile, login: Login, options: ConnectOptions, 
         assertion = service_account_assertion(profile.client_id or "", secret, login.target,
                                               audience=url)
         form = {"grant_type": JWT_BEARER, "assertion": assertion}
-        key = (url, profile.client_id or "", SCOPE, login.target)
+        key: tuple[str, ...] = (url, profile.client_id or "", SCOPE, login.target)
     elif profile.credential_source is CredentialSource.MAILBOX:
         if not profile.client_id or profile.client_secret is None:
             raise ConfigError("client_id", "3-legged Gmail OAuth needs the profile's OAuth "
@@ -116,6 +124,14 @@ async def access_token(profile: Profile, login: Login, options: ConnectOptions, 
 def xoauth2(user: str, token: str) -> bytes:
     """The SASL XOAUTH2 initial response (base64)."""
     return base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+
+
+def source(profile: Profile, mailbox: Mailbox, login: Login,
+           options: ConnectOptions) -> GmailSource:
+    """The incoming source of a Gmail mailbox (`services.incoming` factory)."""
+    readonly = mailbox.after_processing is AfterProcessing.LEAVE and \
+        not profile.move_failed_to_folder
+    return GmailSource(profile, mailbox, login, options, readonly=readonly)
 
 
 class GmailSource(ImapSource):
@@ -206,16 +222,16 @@ async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Log
                            f"({exists} messages)")
     endpoint = profile.outgoing or profile.incoming
     assert endpoint is not None
-    async with smtp_session(profile, login, options) as client:
+    async with smtp_session(profile, login, options) as smtp:
         try:
-            await client.mail(login.target)
-            await client.rcpt(mailbox.address)
+            await smtp.mail(login.target)
+            await smtp.rcpt(mailbox.address)
         except aiosmtplib.SMTPResponseException as exc:
             raise classify_reply(exc.code, exc.message, sender=login.target,
                                  what="probe") from None
         finally:
-            if client.is_connected:
-                await client.rset()
+            if smtp.is_connected:
+                await smtp.rset()
     return ProbeResult(f"Gmail SMTP {_where(endpoint)}: {mailbox.address} via XOAUTH2 may send")
 
 

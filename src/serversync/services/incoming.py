@@ -318,7 +318,7 @@ class IncomingJob:
         for alert in plan.alerts:
             await repo.add_alert(alert)
         await store.save_cursor(ctx.mailbox_id, ctx.folder, Cursor(
-            cursor.uidvalidity, cursor.last_uid, cursor.highest_modseq), ctx.now)
+            cursor.uidvalidity, cursor.last_uid, cursor.highest_modseq, cursor.token), ctx.now)
 
     # ------------------------------------------------------------ decisions
 

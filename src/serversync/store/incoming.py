@@ -47,6 +47,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from serversync.core.email import EmailActivity, Regarding
 from serversync.core.tracking import KnownActivity, LoopWindow
 from serversync.store.emails import AttachmentRow, BlobRow, EmailRecipientRow, EmailRow
+from serversync.store.exchange import SyncTokens
 from serversync.store.tables import AlertRow, Base
 
 TRACKED, LINKED, SKIPPED, QUARANTINED = "tracked", "linked", "skipped", "quarantined"
@@ -110,6 +111,7 @@ class Cursor(NamedTuple):
     uidvalidity: int | None
     last_uid: int
     highest_modseq: int | None
+    token: str | None = None  # EWS SyncState / Graph deltaLink, kept in store.exchange
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -170,12 +172,15 @@ class IncomingStore:
         """(UIDVALIDITY, last UID, HIGHESTMODSEQ) of a folder, if it was synced before."""
         row = await self.session.scalar(select(IncomingCursorRow).where(
             IncomingCursorRow.mailbox_id == mailbox_id, IncomingCursorRow.folder == folder))
+        token = await SyncTokens(self.session).get(mailbox_id, "incoming", folder)
         if row is None:
-            return None
-        return Cursor(row.uidvalidity, row.last_uid, row.highest_modseq)
+            return None if token is None else Cursor(None, 0, None, token)
+        return Cursor(row.uidvalidity, row.last_uid, row.highest_modseq, token)
 
     async def save_cursor(self, mailbox_id: int, folder: str, cursor: Cursor,
                           now: dt.datetime) -> None:
+        if cursor.token is not None:
+            await SyncTokens(self.session).put(mailbox_id, "incoming", folder, cursor.token, now)
         values = {"uidvalidity": cursor.uidvalidity, "last_uid": cursor.last_uid,
                   "highest_modseq": cursor.highest_modseq, "updated_at": now}
         result = await self.session.execute(

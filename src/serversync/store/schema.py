@@ -9,3 +9,4 @@ from serversync.store import outgoing  # noqa: F401
 from serversync.store import runs  # noqa: F401
 from serversync.store import web  # noqa: F401
 from serversync.store import act  # noqa: F401
+from serversync.store import exchange  # noqa: F401
