@@ -34,6 +34,7 @@ from serversync.services import Services
 from serversync.services.tokens import Tokens
 from serversync.store.emails import EmailStore
 from serversync.store.runs import RunStore
+from serversync.web import outgoing_api
 from serversync.web.api import router
 from serversync.web.app import create_app
 from tests import testservers as ts
@@ -86,7 +87,7 @@ async def api(services: Services) -> AsyncIterator[Api]:
 
 def api_routes(app: Any) -> list[tuple[str, str]]:
     out = []
-    for route in [*router.routes, *app.routes]:
+    for route in [*router.routes, *outgoing_api.router.routes, *app.routes]:
         if isinstance(route, APIRoute) and (route.path.startswith("/api/v1")
                                             or route.path == "/metrics"):
             path = re.sub(r"\{[^}]+\}", lambda m: "1" if m.group(0).endswith("id}") or
@@ -357,3 +358,25 @@ def assert_no_secrets(api: Api, shown_once_ok: str | None = None) -> None:
         assert secret not in everything
     if shown_once_ok:
         assert everything.count(shown_once_ok) == 1  # in the creating response only
+
+
+async def test_outgoing_email_can_be_created_and_cancelled(api: Api) -> None:
+    await api.call("POST", "/api/v1/profiles", expect=201, json={
+        "name": "own", "kind": "imap", "incoming": IMAPS, "credential_source": "mailbox",
+        "outgoing": {"host": ts.HOST, "port": ts.SUBMISSION_PORT, "tls": "starttls"}})
+    await api.call("POST", "/api/v1/directory", json={"kind": "user", "key": "heidi",
+                                                      "emails": [HEIDI]})
+    await api.call("POST", "/api/v1/mailboxes", expect=201, json={
+        "address": HEIDI, "profile": "own", "owner": "heidi", "outgoing": "server-side"})
+    await api.call("POST", "/api/v1/activities/emails", token=api.reader, expect=403, json={})
+    created = await api.call("POST", "/api/v1/activities/emails", expect=201, json={
+        "sender_mailbox": HEIDI, "subject": "Quote", "to": ["ann@elsewhere.test"],
+        "text": "hello", "attachments": [{"name": "a.txt", "content_base64": "aGk="}]})
+    assert created["status"] == "pending-send" and created["attachments"][0]["size"] == 2
+    bad = await api.call("POST", "/api/v1/activities/emails", expect=422, json={
+        "sender_mailbox": HEIDI, "subject": "x", "to": ["a@b.test"],
+        "attachments": [{"name": "a", "content_base64": "***"}]})
+    assert bad["error"]["message"].startswith("attachments[0].content_base64")
+    await api.call("POST", f"/api/v1/activities/emails/{created['id']}/cancel", expect=204)
+    one = await api.call("GET", f"/api/v1/activities/emails/{created['id']}")
+    assert one["status"] == "canceled"

@@ -183,5 +183,6 @@ def create_app(services: Services, *, runlog: RunLog | None = None,
 
 
 def extra_routers(ctx: WebContext) -> list[APIRouter]:
-    """Routers of optional services (outgoing email, ACT) when they are installed."""
-    return []
+    """Routers of the activity-writing services (outgoing email)."""
+    from serversync.web import outgoing_api
+    return [outgoing_api.router]
