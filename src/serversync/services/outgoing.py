@@ -380,6 +380,7 @@ class _Run:
         self.fatal: SyncError | None = None
         self.connect_error: SyncError | None = None
         self.connected = False
+        self.proven = asyncio.Event()
         self.deadline = 0.0
         self.sent_folder: SentFolder | None = None
         self.sent_folder_error: SyncError | None = None
@@ -409,7 +410,7 @@ class _Run:
             if self.queue:
                 sessions = max(1, min(self.service.max_sessions,
                                       self.profile.max_concurrent_connections, len(self.queue)))
-                await asyncio.gather(*(self._worker() for _ in range(sessions)))
+                await asyncio.gather(*(self._worker(first=i == 0) for i in range(sessions)))
             await self._finish_copies()
             await self._settle_untried()
             await self.journal.drain()
@@ -444,8 +445,18 @@ class _Run:
 
     # ------------------------------------------------------------ SMTP sessions
 
-    async def _worker(self) -> None:
+    async def _worker(self, *, first: bool) -> None:
+        """One SMTP session, reused for message after message.
+
+        Slow start: only the first session opens at once; the others wait until it has sent
+        a message, so a wrong password or a refused sender costs one login and one email,
+        not one per session.
+        """
         loop = asyncio.get_running_loop()
+        if not first:
+            await self.proven.wait()
+            if self.fatal is not None or self.connect_error is not None:
+                return
         async with self.gate:
             client: aiosmtplib.SMTP | None = None
             try:
@@ -461,12 +472,15 @@ class _Run:
                         except SyncError as exc:
                             self.connect_error = exc
                             return
+                        continue  # the queue may have drained while connecting
                     item = self.queue.popleft()
                     keep = await self._send_one(client, item)
+                    self.proven.set()
                     if not keep:
                         await smtp.close(client)
                         client = None
             finally:
+                self.proven.set()  # never leave the other sessions waiting
                 if client is not None:
                     await smtp.close(client)
 

@@ -216,9 +216,9 @@ class EmailStore:
         if with_content:
             digests = {a.blob_sha256 for r in rows for a in r.attachments if a.blob_sha256}
             if digests:
-                contents = dict((await self.session.execute(
-                    select(BlobRow.sha256, BlobRow.content)
-                    .where(BlobRow.sha256.in_(digests)))).tuples().all())
+                found = await self.session.execute(
+                    select(BlobRow.sha256, BlobRow.content).where(BlobRow.sha256.in_(digests)))
+                contents = {digest: content for digest, content in found.all()}
         return {r.id: self._activity(r, contents) for r in rows}
 
     async def find_by_message_id(self, message_id: str) -> EmailActivity | None:
