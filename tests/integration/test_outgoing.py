@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, Envelope, Session
 from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import AuthResult, Envelope, Session
 
 from serversync import wiring
 from serversync.core.email import Attachment, EmailStatus
