@@ -12,6 +12,7 @@ from serversync.core.model import Alert, Channel, Profile, ServerKind
 from serversync.services import ProberRegistry, Services, connect_options
 from serversync.services.act import ActJob, StoreFactory
 from serversync.services.incoming import IncomingJob, SourceFactory
+from serversync.services.outgoing import OutgoingService
 from serversync.store.crypto import load_keyring
 from serversync.store.db import Database
 
@@ -58,4 +59,5 @@ async def services(settings: Settings, *, migrate: bool = True) -> Services:
     if migrate:
         await db.migrate()
     return Services(db, PROBERS, jobs={Channel.INCOMING: IncomingJob(db, INCOMING_SOURCES),
+                                         Channel.OUTGOING: OutgoingService(db),
                                          Channel.ACT: ActJob(db, ACT_STORES)})
