@@ -87,7 +87,7 @@ class FakeJob:
 
 async def seed(db: Database, count: int, *, profile: str = "p", cap: int = 10,
                min_poll: int = 60, approval: ApprovalStatus = ApprovalStatus.APPROVED,
-               alert_owner: str | None = None) -> list[str]:
+               alert_owner: str | None = None, secret: str | None = "pw") -> list[str]:
     addresses = [f"user{i}@example.test" for i in range(count)]
     async with db.transaction() as repo:
         await repo.save_profile(Profile(
@@ -100,7 +100,8 @@ async def seed(db: Database, count: int, *, profile: str = "p", cap: int = 10,
             await repo.save_mailbox(Mailbox(
                 address, PartyKind.USER, f"u{i}", profile,
                 incoming=ChannelState(SyncMethod.SERVER_SIDE, True, ChannelStatus.SUCCESS),
-                allow_credentials=True, username=address, secret=Secret("pw"),
+                allow_credentials=True, username=address,
+                secret=Secret(secret) if secret else None,
                 approval=approval))
     return addresses
 

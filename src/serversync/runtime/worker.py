@@ -40,7 +40,8 @@ from typing import Any
 import procrastinate
 import psycopg
 from procrastinate.schema import SchemaManager
-from procrastinate.exceptions import AlreadyEnqueued
+from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
+from procrastinate.jobs import Status
 
 from serversync.core.errors import ConfigError
 from serversync.core.model import Channel, ServerKind
@@ -158,7 +159,7 @@ class Worker:
                                     alert_mailer=alert_mailer, worker=worker_name())
         self.webhooks = Webhooks(services.db, services.clock)
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-            conninfo=self.dsn, kwargs={"autocommit": True}))
+            conninfo=self.dsn))
         self._register()
 
     def _register(self) -> None:
@@ -202,8 +203,13 @@ class Worker:
         """Hand dead workers' jobs back, then queue every due channel."""
         for job in await self.app.job_manager.get_stalled_jobs(
                 seconds_since_heartbeat=self.options.stalled_s):
-            log.warning("worker of job %s (%s) is gone; retrying it", job.id, job.lock)
-            await self.app.job_manager.retry_job(job)
+            log.warning("worker of job %s (%s) is gone; handing it over", job.id, job.lock)
+            try:
+                await self.app.job_manager.retry_job(job)
+            except UniqueViolation:
+                # A run of the same channel is already queued (queueing lock) and covers
+                # this one: close the dead job so that its lock no longer blocks it.
+                await self.app.job_manager.finish_job(job, Status.FAILED, delete_job=False)
         queued = 0
         for due in await self.runlog.due(limit=5000):
             queued += await self.defer(due.mailbox, due.channel)
