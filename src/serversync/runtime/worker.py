@@ -39,9 +39,9 @@ from typing import Any
 
 import procrastinate
 import psycopg
-from procrastinate.schema import SchemaManager
 from procrastinate.exceptions import AlreadyEnqueued, UniqueViolation
 from procrastinate.jobs import Status
+from procrastinate.schema import SchemaManager
 
 from serversync.core.errors import ConfigError
 from serversync.core.model import Channel, ServerKind
