@@ -220,15 +220,28 @@ class IncomingJob:
             async with self.db.transaction() as repo:
                 return await IncomingStore(repo.session).known(mailbox_id, folder, remote_ids)
 
+        # Three stages overlap: the source fetches batch k+2 while batch k+1 is parsed in a
+        # worker thread (the parser releases the GIL) and batch k is committed.
+        queue: asyncio.Queue[tuple[FetchBatch, list[mime.ParsedMessage | ItemError]] | None] = \
+            asyncio.Queue(maxsize=1)
+
+        async def produce() -> None:
+            async with contextlib.aclosing(source.fetch(
+                    folder, cursor, batch_size=self.options.batch_size, known=known)) as batches:
+                async for batch in batches:
+                    parsed = await asyncio.to_thread(
+                        mime.parse_batch, [m.raw for m in batch.messages],
+                        max_attachment_bytes=settings.max_attachment_bytes,
+                        threads=self.options.parse_threads) if batch.messages else []
+                    await queue.put((batch, parsed))
+            await queue.put(None)
+
+        producer = asyncio.create_task(produce())
         number = 0
-        async with contextlib.aclosing(source.fetch(
-                folder, cursor, batch_size=self.options.batch_size, known=known)) as batches:
-            async for batch in batches:
+        try:
+            while (item := await queue.get()) is not None:
+                batch, parsed = item
                 number += 1
-                parsed = await asyncio.to_thread(
-                    mime.parse_batch, [m.raw for m in batch.messages],
-                    max_attachment_bytes=settings.max_attachment_bytes,
-                    threads=self.options.parse_threads) if batch.messages else []
                 _fault(number)
                 ctx = _Context(mailbox, mailbox_id, profile, settings, folder, is_sent,
                                self.clock())
@@ -239,6 +252,12 @@ class IncomingJob:
                 totals["failures"] += len(plan.quarantine)
                 if plan.dispositions:
                     await source.finish(folder, plan.dispositions)
+            await producer  # re-raises a failure of the source
+        finally:
+            if not producer.done():
+                producer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await producer
 
     # ------------------------------------------------------------ one batch
 
@@ -369,6 +388,7 @@ class IncomingJob:
         owner = tracking.Receiver(ctx.mailbox.owner_kind, ctx.mailbox.owner,
                                   ctx.mailbox.tracking_rule)
         since = ctx.mailbox.process_email_from or ctx.profile.process_email_from
+        loop_window = dt.timedelta(minutes=self.options.loop.minutes)
         batch_mid: dict[str, int] = {}
         batch_hash: dict[str, int] = {}
         mids, convs = dict(k_mid), dict(k_conv)  # grow with this batch's own activities
@@ -411,7 +431,10 @@ class IncomingJob:
                 plan.links.append(NewLink(ctx.folder, message.remote_id, SKIPPED))
                 plan.skipped += 1
                 continue
-            if not ctx.sent and p.sender:
+            recent_mail = when is None or ctx.now - when < loop_window
+            if not ctx.sent and p.sender and recent_mail:
+                # only mail that arrived inside the window counts: an initial sync of years
+                # of one customer's mail is not a loop
                 step = tracking.loop_step(windows.get(p.sender), ctx.now, self.options.loop)
                 windows[p.sender] = step.window
                 plan.windows[p.sender] = step.window

@@ -41,6 +41,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -152,6 +154,11 @@ def clean(text: str | None, limit: int | None = None) -> str | None:
     if not text.isascii():
         text = text.encode("utf-8", "replace").decode("utf-8")
     return text[:limit] if limit is not None else text
+
+
+def _table(row: type[Base]) -> Table:
+    """The Core table of a mapped class: bulk inserts skip the ORM's per-row bookkeeping."""
+    return cast(Table, row.__table__)
 
 
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -308,7 +315,7 @@ class IncomingStore:
         missing = [{"sha256": k, "size": len(digests[k]), "content": digests[k]}
                    for k in keys if k not in present]
         if missing:
-            await self.session.execute(insert(BlobRow), missing)
+            await self.session.execute(insert(_table(BlobRow)), missing)
         return by_content
 
     async def add_activities(self, activities: Sequence[EmailActivity]) -> list[int]:
@@ -331,17 +338,20 @@ class IncomingStore:
             "sender_mailbox": clean(a.sender_mailbox, 320), "content_hash": a.content_hash,
             "notices": [clean(n) for n in a.notices], "created_at": a.created_at,
         } for a in activities]
-        table = cast(Table, EmailRow.__table__)
+        # Core multi-row INSERT ... RETURNING (SQLAlchemy "insertmanyvalues"); rows are told
+        # apart by (Message-ID, content hash), unique in a batch because duplicates are linked
+        table = _table(EmailRow)
         result = await self.session.execute(
-            insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
-        ids = [int(r[0]) for r in result.all()]
+            insert(table).returning(table.c.id, table.c.message_id, table.c.content_hash), rows)
+        by_key = {(m, h): int(i) for i, m, h in result.all()}
+        ids = [by_key[(r["message_id"], r["content_hash"])] for r in rows]
         recipients = [{"email_id": i, "position": p, "role": r.role.value,
                        "address": clean(r.address, 320) or "", "name": clean(r.name) or "",
                        "party_kind": r.party_kind, "party_key": clean(r.party_key, 255)}
                       for i, a in zip(ids, activities, strict=True)
                       for p, r in enumerate(a.recipients)]
         if recipients:
-            await self.session.execute(insert(EmailRecipientRow), recipients)
+            await self.session.execute(insert(_table(EmailRecipientRow)), recipients)
         contents = [att.content for a in activities for att in a.attachments
                     if att.content is not None]
         digests = await self.put_blobs(contents)
@@ -353,7 +363,7 @@ class IncomingStore:
                        for i, a in zip(ids, activities, strict=True)
                        for p, att in enumerate(a.attachments)]
         if attachments:
-            await self.session.execute(insert(AttachmentRow), attachments)
+            await self.session.execute(insert(_table(AttachmentRow)), attachments)
         return ids
 
     async def set_correlation(self, email_id: int, correlated_to: int, method: str) -> None:
@@ -369,7 +379,7 @@ class IncomingStore:
                  "raw_sha256": raws[link.raw] if link.raw is not None else None,
                  "created_at": now} for link in links]
         if rows:
-            await self.session.execute(insert(IncomingLinkRow), rows)
+            await self.session.execute(insert(_table(IncomingLinkRow)), rows)
 
     # ------------------------------------------------------------ quarantine
 
@@ -408,13 +418,17 @@ class IncomingStore:
         return found
 
     async def save_loop_windows(self, windows: dict[str, LoopWindow]) -> None:
-        for sender, window in windows.items():
-            values = {"started_at": window.started_at, "count": window.count,
-                      "paused": window.paused}
-            result = await self.session.execute(
-                update(LoopGuardRow).where(LoopGuardRow.sender == sender).values(**values))
-            if not getattr(result, "rowcount", 0):
-                await self.session.execute(insert(LoopGuardRow).values(sender=sender, **values))
+        """Upsert every counter in one statement (ON CONFLICT: SQLite and PostgreSQL)."""
+        if not windows:
+            return
+        rows = [{"sender": s, "started_at": w.started_at, "count": w.count, "paused": w.paused}
+                for s, w in windows.items()]
+        dialect = self.session.get_bind().dialect.name
+        upsert = (sqlite_insert if dialect == "sqlite" else pg_insert)(LoopGuardRow)
+        await self.session.execute(upsert.on_conflict_do_update(
+            index_elements=["sender"], set_={"started_at": upsert.excluded.started_at,
+                                             "count": upsert.excluded.count,
+                                             "paused": upsert.excluded.paused}), rows)
 
     async def resolve_alerts(self, mailbox_id: int, code: str) -> None:
         """Resolve a mailbox's open alerts with one code (a folder that is back)."""
