@@ -255,14 +255,22 @@ def parse_calendar(raw: bytes) -> Appointment | Task:
 
 # ---------------------------------------------------------------- writing iCalendar
 
+def _plain(value: Moment) -> Moment:
+    """Fixed UTC offsets have no TZID a reader could resolve: write them as UTC."""
+    if isinstance(value, dt.datetime) and value.tzinfo is not None \
+            and not getattr(value.tzinfo, "key", None):
+        return value.astimezone(dt.UTC)
+    return value
+
+
 def _zoned(value: Moment, zone: str) -> Moment:
     """Express an instant in the appointment's own zone, so DTSTART carries its TZID."""
     if not isinstance(value, dt.datetime) or value.tzinfo is None or zone == "UTC":
-        return value
+        return _plain(value)
     try:
         return value.astimezone(zoneinfo.ZoneInfo(zone))
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return value
+        return _plain(value)
 
 
 def _event(appointment: Appointment, invitations: bool) -> list[icalendar.Event]:
@@ -336,9 +344,9 @@ def _todo(task: Task) -> icalendar.Todo:
         todo.add("last-modified", task.modified_at.astimezone(dt.UTC).replace(microsecond=0))
     todo.add("summary", task.subject)
     if task.start is not None:
-        todo.add("dtstart", task.start)
+        todo.add("dtstart", _plain(task.start))
     if task.due is not None:
-        todo.add("due", task.due)
+        todo.add("due", _plain(task.due))
     todo.add("status", _TASK_OUT[task.status])
     if task.percent_complete:
         todo.add("percent-complete", task.percent_complete)

@@ -94,6 +94,8 @@ class _Run:
     conflicts: int = 0
     refused: Side | None = None
     notes: list[str] = field(default_factory=list)
+    written: dict[str, str | None] = field(default_factory=dict)  # href -> etag we wrote
+    removed: set[str] = field(default_factory=set)  # hrefs we deleted
 
 
 class ActService:
@@ -343,8 +345,30 @@ class ActService:
                         entry.app_hash == content_hash(found[0]):
                     entry.held, entry.app_state = held, state
                     await act.put_status(col.id, entry)
-            await act.save_cursor(col.id, changes.token, key, self.clock())
+        token = await self._own_writes_token(store, remote, changes.token, run)
+        async with self.db.transaction() as repo:
+            await ActStore(repo.session).save_cursor(col.id, token, key, self.clock())
         return run
+
+    @staticmethod
+    async def _own_writes_token(store: ItemStore, remote: ItemCollection, token: str | None,
+                                run: _Run) -> str | None:
+        """The cursor to keep after our own writes.
+
+        The token read before writing predates them; a server whose tokens name a state (as
+        Radicale's do) could even hand the same token back for an equal later state and hide
+        changes. So after writing we ask again: when all that changed is exactly what we
+        wrote and deleted, the newer token is safe to keep; otherwise keep the older one and
+        let the next run read the foreign changes.
+        """
+        if not (run.written or run.removed) or token is None:
+            return token
+        after = await store.changes(remote, token)
+        if after.complete:
+            return token
+        ours = all(run.written.get(href) == etag and etag for href, etag in after.changed) \
+            and set(after.deleted) <= run.removed
+        return after.token if ours else token
 
     async def _refuse(self, mailbox: Mailbox, remote: ItemCollection, side: Side,
                       now: dt.datetime) -> None:
@@ -373,7 +397,7 @@ class ActService:
             for action in chunk:
                 try:
                     write = await self._remote_part(store, user, remote, col, action, status,
-                                                    app_records, server, now)
+                                                    app_records, server, run, now)
                 except PreconditionFailed as exc:
                     run.notes.append(f"{action.ident}: {exc.message}")
                     continue  # changed under us: the next sync reads it and plans again
@@ -398,7 +422,7 @@ class ActService:
     async def _remote_part(self, store: ItemStore, user: str, remote: ItemCollection,
                            col: Collection, action: Action, status: dict[str, StatusEntry],
                            app_records: dict[str, tuple[Record, dt.datetime | None]],
-                           server: dict[str, _Server],
+                           server: dict[str, _Server], run: _Run,
                            now: dt.datetime) -> Callable[[ActStore], Any]:
         """Do the server side of one action now; return the database side for the chunk."""
         ident, op = action.ident, action.op
@@ -418,6 +442,7 @@ class ActService:
                 record = complete_task(record, now)
             written = await store.put(remote, for_server(record, now), href=href, if_match=etag,
                                       invitations=sends_invitations(record, user, now))
+            run.written[written.href] = written.etag
 
             async def put_server(act: ActStore) -> None:
                 saved = await act.save(record, now=now) if save_app else record
@@ -429,6 +454,7 @@ class ActService:
         if op is Op.DELETE_SERVER:
             if href is not None:
                 await store.delete(href, if_match=etag)
+                run.removed.add(href)
 
             async def delete_server(act: ActStore) -> None:
                 await act.drop_status(cid, ident)
