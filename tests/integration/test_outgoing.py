@@ -12,7 +12,9 @@ import dataclasses
 import datetime as dt
 import email
 import email.policy
+import email.utils
 import os
+import smtplib
 import socket
 import subprocess
 import sys
@@ -59,6 +61,8 @@ from tests.testservers import (
     SVC,
     master_login,
     quote,
+    reset_mailbox,
+    ssl_context,
     wait_for_message,
 )
 
@@ -452,3 +456,56 @@ async def test_emails_claimed_by_a_crashed_run_are_put_back_and_sent(
     assert state.status is EmailStatus.SENT and state.attempts == 1
     assert settle(DAVE, created.message_id or "") == 1
 
+
+
+# ---------------------------------------------------------------- correlation round trip
+
+
+def _reply_from_dave(original: email.message.EmailMessage, *, threaded: bool) -> str:
+    """dave answers from his own mail client (submission as dave)."""
+    reply = email.message.EmailMessage()
+    reply["From"], reply["To"] = DAVE, BOB
+    reply["Subject"] = f"Re: {original['Subject']}"
+    reply["Message-ID"] = email.utils.make_msgid(domain="example.test")
+    if threaded:
+        reply["In-Reply-To"] = original["Message-ID"]
+        reply["References"] = original["Message-ID"]
+    reply.set_content("Thanks, agreed.\n\n> quoted text\n")
+    with smtplib.SMTP(HOST, SUBMISSION_PORT, timeout=10) as client:
+        client.starttls(context=ssl_context())
+        client.login(DAVE, "dave-pw")
+        client.send_message(reply)
+    wait_for_message(BOB, reply["Message-ID"])
+    return str(reply["Message-ID"])
+
+
+async def test_reply_is_correlated_back_by_incoming_sync(sqlite_db: Database) -> None:
+    from serversync.core.email import CorrelationMethod
+    from serversync.services.incoming import IncomingJob
+    from serversync.store.emails import EmailStore
+
+    reset_mailbox(BOB)
+    await add_mailbox(sqlite_db, OWN, BOB)
+    async with sqlite_db.transaction() as repo:
+        mailbox = await repo.get_mailbox(BOB)
+        await repo.save_mailbox(dataclasses.replace(mailbox, incoming=ENABLED))
+    outgoing = OutgoingService(sqlite_db)
+    incoming = IncomingJob(sqlite_db, wiring.INCOMING_SOURCES)
+    await incoming(BOB)  # start from an empty INBOX
+    first = await outgoing.create(NewEmail(BOB, "Proposal", to=[DAVE], text="Our offer"))
+    second = await outgoing.create(NewEmail(BOB, "Invoice", to=[DAVE], text="Attached"))
+    assert (await outgoing(BOB)).items == 2
+
+    threaded = _reply_from_dave(fetch(DAVE, first.message_id or ""), threaded=True)
+    # a client that drops In-Reply-To: the tracking token in the subject still finds it
+    token_only = _reply_from_dave(fetch(DAVE, second.message_id or ""), threaded=False)
+    summary = await incoming(BOB)
+    assert summary.items == 2, summary
+    async with sqlite_db.transaction() as repo:
+        emails = EmailStore(repo.session)
+        by_header = await emails.find_by_message_id(threaded)
+        by_token = await emails.find_by_message_id(token_only)
+    assert by_header is not None and by_header.correlated_to == first.id
+    assert by_header.correlation is CorrelationMethod.IN_REPLY_TO
+    assert by_token is not None and by_token.correlated_to == second.id
+    assert by_token.correlation is CorrelationMethod.TRACKING_TOKEN

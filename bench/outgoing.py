@@ -1,0 +1,240 @@
+"""make bench-outgoing: 1,000 pending emails sent through Postfix into Dovecot.
+
+Measured in one run, same messages, same submission port (Postfix 10025, STARTTLS, AUTH as
+bob@example.test), recipient dave@example.test:
+
+  raw        a tight stdlib smtplib loop over ONE connection, sending the already-built
+             bytes: the limit (``shared/reference/test-servers.md`` §9.4)
+  sqlite     serversync's full path on SQLite: the outgoing channel job, run until nothing
+             is due — claim from the store, build each message, SMTP, copy to the Sent
+             folder (IMAP MULTIAPPEND), status commit
+  postgres   the same on PostgreSQL
+
+Creating the 1,000 activities through the application API (`OutgoingService.create`) is
+timed separately and not part of the full path. Between steps the test users' INBOX and
+Sent folder are emptied and Postfix's deliveries are waited for, so no step competes with
+the previous one's LMTP deliveries. The corpus: 2-20 KB text bodies, half with an HTML
+alternative, a quarter with a 5-20 KB attachment (seed 42). BENCH_QUICK=1 sends 200.
+Prints a table with ratios to the raw loop and ``RESULT`` lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import random
+import smtplib
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
+
+from tests import testservers as ts  # noqa: E402
+
+from serversync.core.compose import compose  # noqa: E402
+from serversync.core.email import Attachment  # noqa: E402
+from serversync.core.model import (  # noqa: E402
+    ApprovalStatus,
+    ChannelState,
+    ChannelStatus,
+    CredentialSource,
+    Endpoint,
+    Mailbox,
+    Party,
+    PartyKind,
+    Profile,
+    ServerKind,
+    SyncMethod,
+    TlsMode,
+)
+from serversync.core.secret import Secret  # noqa: E402
+from serversync.services.outgoing import NewEmail, OutgoingService  # noqa: E402
+from serversync.store.crypto import Keyring, new_key  # noqa: E402
+from serversync.store.db import Database  # noqa: E402
+from serversync.store.emails import EmailStore  # noqa: E402
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+COUNT = int(os.environ.get("BENCH_MESSAGES", "200" if QUICK else "1000"))
+PG_ADMIN = os.environ.get("SERVERSYNC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+SENDER, RECIPIENT = "bob@example.test", "dave@example.test"
+WORDS = ["order", "invoice", "meeting", "quote", "shipment", "contract", "renewal", "support",
+         "ticket", "update", "please", "review", "attached", "thanks", "regards", "Grüße",
+         "schedule", "payment", "delivery", "Angebot"]
+PROFILE = Profile("bench-own", ServerKind.IMAP,
+                  incoming=Endpoint(ts.HOST, ts.IMAP_PORT, TlsMode.STARTTLS),
+                  outgoing=Endpoint(ts.HOST, ts.SUBMISSION_PORT, TlsMode.STARTTLS),
+                  credential_source=CredentialSource.MAILBOX, ca_file=str(ts.CA_FILE))
+
+
+def corpus(count: int) -> list[NewEmail]:
+    rng = random.Random(42)
+    emails = []
+    for i in range(count):
+        size = rng.randint(2_000, 20_000)
+        words: list[str] = []
+        while sum(len(w) + 1 for w in words) < size:
+            words.append(rng.choice(WORDS))
+        text = "\n".join(" ".join(words[j:j + 12]) for j in range(0, len(words), 12)) + "\n"
+        html = f"<html><body><p>{text[:4000]}</p></body></html>" if i % 2 else ""
+        attachments = [Attachment(f"report-{i}.pdf", "application/pdf", 0,
+                                  rng.randbytes(rng.randint(5_000, 20_000)))] if i % 4 == 0 \
+            else []
+        emails.append(NewEmail(SENDER, f"Bench {i} {rng.choice(WORDS)}", to=[RECIPIENT],
+                               text=text, html=html, attachments=attachments))
+    return emails
+
+
+def folder_count(user: str, folder: str) -> int:
+    conn = ts.master_login(user)
+    try:
+        typ, data = conn.status(ts.quote(folder), "(MESSAGES)")
+        assert typ == "OK", data
+        return int(data[0].split(b"MESSAGES ")[1].rstrip(b")"))
+    finally:
+        conn.logout()
+
+
+def wait_count(user: str, folder: str, expected: int, timeout: float = 120.0) -> float:
+    start = time.perf_counter()
+    while (n := folder_count(user, folder)) < expected:
+        if time.perf_counter() - start > timeout:
+            raise SystemExit(f"only {n} of {expected} messages reached {user}'s {folder}")
+        time.sleep(0.1)
+    return time.perf_counter() - start
+
+
+def clean() -> None:
+    for user in (SENDER, RECIPIENT):
+        ts.reset_mailbox(user)
+
+
+async def prepare(url: str) -> tuple[Database, float]:
+    db = Database(url, Keyring(new_key()))
+    await db.migrate()
+    async with db.transaction() as repo:
+        await repo.save_profile(PROFILE)
+        await repo.save_party(Party(PartyKind.USER, "bob", "Bob Baker", (SENDER,)))
+        await repo.save_mailbox(Mailbox(
+            SENDER, PartyKind.USER, "bob", PROFILE.name,
+            outgoing=ChannelState(SyncMethod.SERVER_SIDE, True, ChannelStatus.SUCCESS),
+            allow_credentials=True, username=SENDER, secret=Secret("bob-pw"),
+            approval=ApprovalStatus.APPROVED))
+    service = OutgoingService(db)
+    start = time.perf_counter()
+    for new in corpus(COUNT):
+        await service.create(new)
+    return db, time.perf_counter() - start
+
+
+async def built_messages(db: Database) -> list[bytes]:
+    async with db.transaction() as repo:
+        store = EmailStore(repo.session)
+        activities = await store.get_many(list(range(1, COUNT + 1)), with_content=True)
+    now = dt.datetime.now(dt.UTC)
+    return [compose(a, date=now, smtputf8_offered=False).raw for a in activities.values()]
+
+
+def raw_loop(messages: list[bytes]) -> float:
+    start = time.perf_counter()
+    with smtplib.SMTP(ts.HOST, ts.SUBMISSION_PORT, timeout=30) as smtp:
+        smtp.starttls(context=ts.ssl_context())
+        smtp.login(SENDER, "bob-pw")
+        for raw in messages:
+            smtp.sendmail(SENDER, [RECIPIENT], raw)
+    return time.perf_counter() - start
+
+
+async def full_path(db: Database) -> tuple[float, int]:
+    service = OutgoingService(db)
+    start = time.perf_counter()
+    sent, runs = 0, 0
+    while True:
+        summary = await service(SENDER)
+        sent += summary.items
+        runs += 1
+        if not summary.more:
+            break
+    elapsed = time.perf_counter() - start
+    if sent != COUNT:
+        raise SystemExit(f"serversync sent {sent} of {COUNT}")
+    return elapsed, runs
+
+
+def pg_url() -> tuple[str, str]:
+    import psycopg
+
+    name = f"serversync_bench_out_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return PG_ADMIN.rsplit("/", 1)[0] + f"/{name}", name
+
+
+def pg_drop(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def main() -> None:
+    rows: list[tuple[str, float, str]] = []
+    tmp = tempfile.mkdtemp(prefix="bench-outgoing-")
+    clean()
+    db, create_s = await prepare(f"sqlite:///{tmp}/serversync.db")
+    messages = await built_messages(db)
+    megabytes = sum(len(m) for m in messages) / 1e6
+
+    raw_s = raw_loop(messages)
+    wait_count(RECIPIENT, "INBOX", COUNT)
+    rows.append(("raw smtplib loop, 1 connection (the limit)", raw_s, ""))
+    clean()
+
+    sqlite_s, runs = await full_path(db)
+    wait_count(RECIPIENT, "INBOX", COUNT)
+    if folder_count(SENDER, "Sent") != COUNT:
+        raise SystemExit("the Sent folder does not hold one copy of every message")
+    rows.append(("serversync full path, SQLite", sqlite_s, f"{runs} runs"))
+    await db.close()
+    clean()
+
+    postgres_s: float | None = None
+    try:
+        url, name = pg_url()
+    except Exception as exc:  # PostgreSQL is optional for this benchmark
+        print(f"PostgreSQL skipped: {exc}")
+    else:
+        try:
+            pg_db, _ = await prepare(url)
+            postgres_s, runs = await full_path(pg_db)
+            wait_count(RECIPIENT, "INBOX", COUNT)
+            rows.append(("serversync full path, PostgreSQL", postgres_s, f"{runs} runs"))
+            await pg_db.close()
+        finally:
+            pg_drop(name)
+        clean()
+
+    print(f"\nOutgoing: {COUNT} messages ({megabytes:.1f} MB) bob -> dave through Postfix "
+          f"submission (STARTTLS) into Dovecot; Sent copies over IMAP")
+    print(f"(creating the {COUNT} activities through the API: {create_s:.2f} s, "
+          f"{COUNT / create_s:.0f}/s; not part of the path below)\n")
+    print(f"{'method':<46} {'seconds':>8} {'msg/s':>8} {'vs raw':>7}  note")
+    for label, seconds, note in rows:
+        print(f"{label:<46} {seconds:>8.2f} {COUNT / seconds:>8.0f} "
+              f"{raw_s / seconds:>6.0%}  {note}")
+    print()
+    print(f"RESULT outgoing_raw_smtplib {COUNT / raw_s:.0f} msg/s")
+    print(f"RESULT outgoing_serversync_sqlite {COUNT / sqlite_s:.0f} msg/s")
+    print(f"RESULT outgoing_ratio_sqlite {100 * raw_s / sqlite_s:.0f} %")
+    if postgres_s is not None:
+        print(f"RESULT outgoing_serversync_postgres {COUNT / postgres_s:.0f} msg/s")
+        print(f"RESULT outgoing_ratio_postgres {100 * raw_s / postgres_s:.0f} %")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
