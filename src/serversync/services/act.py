@@ -416,6 +416,11 @@ class ActService:
                     writes.append(_conflict_writer(mailbox.id, record))
             async with self.db.transaction() as repo:
                 act = ActStore(repo.session)
+                await act.preload_status(col.id)
+                for kind in col.kinds:
+                    await act.preload(kind, [a.ident for a in chunk
+                                             if _kind_of(a.ident, status, app_records,
+                                                         server) is kind])
                 for write in writes:
                     await write(act)
 
@@ -445,7 +450,7 @@ class ActService:
             run.written[written.href] = written.etag
 
             async def put_server(act: ActStore) -> None:
-                saved = await act.save(record, now=now) if save_app else record
+                saved = await act.save(record, now=now, flush=False) if save_app else record
                 await act.put_status(cid, StatusEntry(
                     ident, kind, written.href, written.etag, content_hash(saved),
                     written.hash, state_hash(saved)))
@@ -471,7 +476,7 @@ class ActService:
             server_hash = content_hash(seen.record)
 
             async def put_app(act: ActStore) -> None:
-                saved = await act.save(incoming, now=now)
+                saved = await act.save(incoming, now=now, flush=False)
                 await act.put_status(cid, StatusEntry(ident, kind, seen.href, seen.etag,
                                                       content_hash(saved), server_hash,
                                                       state_hash(saved)))

@@ -364,24 +364,48 @@ class ActStore:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        # rows read ahead for a batch (None: known to be missing), so that writing a chunk
+        # of a sync costs one SELECT per table instead of one per item
+        self._rows: dict[tuple[ItemKind, str], Any] = {}
+        self._status: dict[int, dict[str, SyncStatusRow]] = {}
+
+    async def preload(self, kind: ItemKind, uids: Iterable[str]) -> None:
+        table = _ROW[kind]
+        wanted = [u for u in uids if (kind, u) not in self._rows]
+        for i in range(0, len(wanted), 500):
+            part = wanted[i:i + 500]
+            rows: Any = await self.session.scalars(select(table).where(table.uid.in_(part)))
+            found = {row.uid: row for row in rows}
+            self._rows.update({(kind, u): found.get(u) for u in part})
+
+    async def preload_status(self, collection_id: int) -> None:
+        rows = await self.session.scalars(select(SyncStatusRow).where(
+            SyncStatusRow.collection_id == collection_id))
+        self._status[collection_id] = {row.ident: row for row in rows}
 
     # ------------------------------------------------------------ records
 
     async def _row(self, kind: ItemKind, uid: str) -> Any:
+        if (kind, uid) in self._rows:
+            return self._rows[(kind, uid)]
         table = _ROW[kind]
         return await self.session.scalar(select(table).where(table.uid == uid))
 
-    async def save(self, record: Record, *, now: dt.datetime) -> Record:
-        """Insert or update by UID (a tombstoned UID comes back to life)."""
+    async def save(self, record: Record, *, now: dt.datetime, flush: bool = True) -> Record:
+        """Insert or update by UID (a tombstoned UID comes back to life). Without ``flush``
+        the row is written at commit, in bulk, and the returned record has no id yet."""
         row = await self._row(record.kind, record.uid)
         if row is None:
             row = _ROW[record.kind](uid=record.uid)
             if isinstance(row, AppointmentRow):
                 row.attendees = []
             self.session.add(row)
+            self._rows[(record.kind, record.uid)] = row
         _fill(row, record)
         row.modified_at = record.modified_at or now
         row.deleted_at = None
+        if not flush:
+            return dataclasses.replace(record, modified_at=row.modified_at)
         await self.session.flush()
         return _to_record(row)
 
@@ -502,22 +526,42 @@ class ActStore:
         return {r[0]: StatusEntry(r[0], ItemKind(r[1]), *r[2:]) for r in result.all()}
 
     async def put_status(self, collection_id: int, entry: StatusEntry) -> None:
-        row = await self.session.scalar(select(SyncStatusRow).where(
-            SyncStatusRow.collection_id == collection_id, SyncStatusRow.ident == entry.ident))
-        if entry.href is not None:
-            # an href now used for another UID (a server-side move) frees the old pairing
-            await self.session.execute(delete(SyncStatusRow).where(
-                SyncStatusRow.collection_id == collection_id, SyncStatusRow.href == entry.href,
-                SyncStatusRow.ident != entry.ident))
+        cached = self._status.get(collection_id)
+        if cached is None:
+            row = await self.session.scalar(select(SyncStatusRow).where(
+                SyncStatusRow.collection_id == collection_id, SyncStatusRow.ident == entry.ident))
+            if entry.href is not None:
+                # an href now used for another UID (a server-side move) frees the old pairing
+                await self.session.execute(delete(SyncStatusRow).where(
+                    SyncStatusRow.collection_id == collection_id,
+                    SyncStatusRow.href == entry.href, SyncStatusRow.ident != entry.ident))
+        else:
+            row = cached.get(entry.ident)
+            stale = [r for r in cached.values()
+                     if entry.href is not None and r.href == entry.href and r.ident != entry.ident]
+            for other in stale:
+                await self.session.delete(other)
+                del cached[other.ident]
+            if stale:
+                await self.session.flush()  # the unique href must be free before the insert
         if row is None:
             row = SyncStatusRow(collection_id=collection_id, ident=entry.ident)
             self.session.add(row)
+            if cached is not None:
+                cached[entry.ident] = row
         row.kind, row.href, row.etag = entry.kind.value, entry.href, entry.etag
         row.app_hash, row.server_hash = entry.app_hash, entry.server_hash
         row.app_state, row.held = entry.app_state, entry.held
-        await self.session.flush()
+        if cached is None:
+            await self.session.flush()
 
     async def drop_status(self, collection_id: int, ident: str) -> None:
+        cached = self._status.get(collection_id)
+        if cached is not None:
+            row = cached.pop(ident, None)
+            if row is not None:
+                await self.session.delete(row)
+            return
         await self.session.execute(delete(SyncStatusRow).where(
             SyncStatusRow.collection_id == collection_id, SyncStatusRow.ident == ident))
 
