@@ -46,7 +46,8 @@ QUICK = os.environ.get("BENCH_QUICK") == "1"
 COUNT = int(os.environ.get("BENCH_MESSAGES", "1000" if QUICK else "10000"))
 PG_ADMIN = os.environ.get("SERVERSYNC_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NOBODY = 65534
-WORDS = ["order", "invoice", "meeting", "quote", "shipment", "contract", "renewal", "support", "ticket", "update", "please", "review", "attached", "thanks", "regards", "schedule", "payment", "delivery"]
+WORDS = ("order invoice meeting quote shipment contract renewal support ticket update "  # noqa: SIM905
+         "please review attached thanks regards schedule payment delivery").split()
 
 
 # ---------------------------------------------------------------- corpus
@@ -172,6 +173,10 @@ def child(step: str, arg: str, key: str) -> None:
         result = asyncio.run(_poll(arg, raw_key))
     else:
         raise SystemExit(f"unknown step {step}")
+    # VmHWM: this process's own peak RSS (reset at exec, unlike wait4's ru_maxrss)
+    status = Path("/proc/self/status").read_text()
+    hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+    result["rss_mb"] = int(hwm.split()[1]) / 1024
     print("JSON " + json.dumps(result))
 
 
@@ -179,7 +184,7 @@ def run_child(step: str, arg: str = "", key: str = "") -> dict[str, Any]:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--step", step, arg, key],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     out = proc.stdout.read().decode() if proc.stdout else ""
     err = proc.stderr.read().decode() if proc.stderr else ""
@@ -188,7 +193,7 @@ def run_child(step: str, arg: str = "", key: str = "") -> dict[str, Any]:
         raise SystemExit(f"step {step} failed ({proc.returncode}):\n{out}\n{err}")
     line = next(x for x in out.splitlines() if x.startswith("JSON "))
     result: dict[str, Any] = json.loads(line[5:])
-    result.update(wall=wall, rss_mb=usage.ru_maxrss / 1024)
+    result.update(wall=wall)
     return result
 
 
@@ -209,6 +214,7 @@ def ensure_peers(names: list[str]) -> list[str]:
 
 def peer_config(name: str, root: Path) -> list[str]:
     target = root / "maildir"
+    target.mkdir(exist_ok=True)  # mbsync needs the store's root to exist
     if name == "mbsync":
         (root / "mbsyncrc").write_text(
             f"IMAPAccount bench\nHost {ts.HOST}\nPort {ts.IMAP_PORT}\nUser {USER}\n"
@@ -245,18 +251,21 @@ def run_peer(name: str, expected: int) -> dict[str, Any]:
     for path in [root, *root.rglob("*")]:
         os.chown(path, NOBODY, NOBODY)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "env",
-         f"HOME={root}/home", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    # /usr/bin/time reports the peak RSS of the peer itself (wait4's ru_maxrss would carry
+    # this harness's own peak across the fork)
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", "-o", str(root / "rss"), "setpriv", f"--reuid={NOBODY}",
+         f"--regid={NOBODY}", "--clear-groups", "env", f"HOME={root}/home", *command],
+        capture_output=True, check=False)
     wall = time.perf_counter() - t0
+    rss = int((root / "rss").read_text().split()[-1]) / 1024 if (root / "rss").exists() else 0
     files = sum(1 for p in (root / "maildir").rglob("*") if p.is_file()
                 and p.parent.name in ("cur", "new"))
     shutil.rmtree(root, ignore_errors=True)
-    code = os.waitstatus_to_exitcode(status)
-    note = "" if files == expected else f" (copied {files} of {expected}, exit {code})"
-    return {"seconds": wall, "wall": wall, "messages": files, "rss_mb": usage.ru_maxrss / 1024,
-            "note": note}
+    note = "" if files == expected else f" (copied {files} of {expected}, exit {proc.returncode})"
+    if note:
+        print(f"{name}: {proc.stderr.decode(errors='replace')[-600:]}")
+    return {"seconds": wall, "wall": wall, "messages": files, "rss_mb": rss, "note": note}
 
 
 # ---------------------------------------------------------------- main
