@@ -183,6 +183,7 @@ def create_app(services: Services, *, runlog: RunLog | None = None,
 
 
 def extra_routers(ctx: WebContext) -> list[APIRouter]:
-    """Routers of the activity-writing services (outgoing email)."""
-    from serversync.web import outgoing_api
-    return [outgoing_api.router]
+    """Routers of the activity-writing services (outgoing email; appointments, contacts
+    and tasks)."""
+    from serversync.web import act_api, outgoing_api
+    return [outgoing_api.router, act_api.router]
