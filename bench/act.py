@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "src"))
@@ -139,7 +141,10 @@ MAKERS: dict[str, tuple[Callable[[int, random.Random, str], bytes], int, str]] =
 
 
 def seed() -> None:
-    ts.reset_dav(USER)
+    # a big principal takes Radicale longer than testservers' 10 s timeout to delete
+    with httpx.Client(auth=(ts.SVC, ts.USERS[ts.SVC]), timeout=600) as http:
+        status = http.request("DELETE", f"{ts.DAV_URL}/{USER}/").status_code
+        assert status in (200, 204, 404), status
     for path, body, method in (
             (f"/{USER}/", None, "MKCOL"),
             (f"/{USER}/calendar/", dav._mkcalendar_body("VEVENT", "Calendar"), "MKCALENDAR"),
@@ -157,13 +162,15 @@ def seed() -> None:
 
 
 def warm() -> None:
-    """Let Radicale index the files (its item cache) before anything is timed."""
-    for name in MAKERS:
-        body = ('<?xml version="1.0"?><D:propfind xmlns:D="DAV:"><D:prop><D:getetag/>'
-                "</D:prop></D:propfind>")
-        status, _ = ts.dav_request("PROPFIND", f"/{USER}/{name}/", body=body,
-                                   headers={"Depth": "1", "Content-Type": "application/xml"})
-        assert status == 207
+    """Let Radicale index the files (it parses each new item once into its cache: ~10 ms an
+    event) before anything is timed."""
+    body = ('<?xml version="1.0"?><D:propfind xmlns:D="DAV:"><D:prop><D:getetag/>'
+            "</D:prop></D:propfind>")
+    with httpx.Client(auth=(ts.SVC, ts.USERS[ts.SVC]), timeout=600) as http:
+        for name in MAKERS:
+            response = http.request("PROPFIND", f"{ts.DAV_URL}/{USER}/{name}/", content=body,
+                                    headers={"Depth": "1", "Content-Type": "application/xml"})
+            assert response.status_code == 207, response.status_code
 
 
 def change(round_no: int) -> tuple[str, int]:
@@ -294,6 +301,7 @@ async def main() -> None:
         ours_changed, v_changed = [], []
         for round_no in range(1, RUNS + 1):
             marker, changed = change(round_no)
+            warm()  # Radicale re-indexes the rewritten files here, not inside a timed step
             seconds, items = await ours.sync()
             ours_changed.append(seconds)
             v_changed.append(vdir(exe, config, "sync"))
