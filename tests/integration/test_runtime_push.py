@@ -81,6 +81,9 @@ async def test_idle_push_triggers_sync_within_seconds(test_servers: object,
     tasks = [asyncio.create_task(scheduler.run()), asyncio.create_task(push.run())]
     try:
         await wait_until(lambda: push.covers(FRANK, Channel.INCOMING) and job.calls, 10)
+        calls = len(job.calls)
+        await runlog.request_sync(FRANK, Channel.INCOMING)  # a run while push is connected
+        await wait_until(lambda: len(job.calls) > calls, 5)
         await asyncio.sleep(0.3)
         [schedule] = await runlog.schedules(FRANK)
         assert "IMAP IDLE push is on" in schedule.why  # polling is only the safety net now
@@ -90,7 +93,7 @@ async def test_idle_push_triggers_sync_within_seconds(test_servers: object,
             sent = time.monotonic()
             await asyncio.to_thread(deliver_lmtp, FRANK,
                                     f"Subject: push {i}\r\n\r\nhello\r\n".encode())
-            await wait_until(lambda: len(job.calls) > before, 5)
+            await wait_until(lambda n=before: len(job.calls) > n, 5)
             latencies.append(job.calls[-1] - sent)
         assert max(latencies) < 3.0, latencies
         assert push.notifications >= 3

@@ -102,6 +102,8 @@ async def test_killed_worker_mid_job_is_taken_over_without_duplicates(
     victim.send_signal(signal.SIGKILL)  # no cleanup, mid-transaction
     victim.wait(10)
     await wait_for(lambda: items() >= 40, 40, "the other worker to finish the channel")
+    await wait_for(lambda: query(url, "SELECT count(*) FROM sync_runs WHERE outcome = 'success'"
+                                 )[0][0], 10, "the run to be recorded")
     rows = query(url, "SELECT n, count(*) FROM fake_items GROUP BY n ORDER BY n")
     assert [n for n, _ in rows] == list(range(1, 41))  # nothing lost
     assert all(count == 1 for _, count in rows)  # nothing duplicated
