@@ -16,12 +16,14 @@ from collections.abc import Sequence
 import pytest
 
 from serversync.connectors import dav, ical
+from serversync.connectors.net import ConnectOptions
 from serversync.connectors.protocols import (
     FetchedItem,
     ItemChanges,
     ItemCollection,
     WrittenItem,
 )
+from serversync.core import rules
 from serversync.core.act import (
     ActFilter,
     Appointment,
@@ -40,6 +42,7 @@ from serversync.core.act import (
 from serversync.core.errors import ItemError, RuleViolation
 from serversync.core.model import (
     ApprovalStatus,
+    Channel,
     ChannelState,
     CredentialSource,
     Endpoint,
@@ -466,3 +469,26 @@ async def test_leaving_the_sync_filter(sqlite_db: Database, remove: bool) -> Non
     await act.change(contact("also-mine", job_title="not synced"))
     await act.sync(ALICE)
     assert server_records(ALICE, "contacts")["also-mine"].job_title == ""
+
+
+async def test_ctag_and_etag_fallback_without_sync_tokens(sqlite_db: Database) -> None:
+    """A server without RFC 6578: the store lists etags (complete listing) and then answers
+    "nothing changed" from the ctag alone; the sync still converges through it."""
+    act = await make_service(sqlite_db, BOB)
+    await act.create(contact("c1", owner=BOB))
+    await act.sync(BOB)
+    profile = Profile(name="p", kind=ServerKind.IMAP, incoming=Endpoint(HOST, IMAP_PORT),
+                      dav_url=DAV_URL, allow_plaintext=True)
+    login = rules.login_for(profile, Mailbox(
+        address=BOB, owner_kind=PartyKind.USER, owner=BOB, profile="p", allow_credentials=True,
+        username=BOB, secret=Secret(USERS[BOB])), Channel.ACT)
+    async with dav.store(profile, login, ConnectOptions()) as store:
+        book = (await store.collections([ItemKind.CONTACT]))[ItemKind.CONTACT]
+        listing = await store._etag_listing(book, None)
+        assert listing.complete and [h for h, _ in listing.changed] == [f"/{BOB}/contacts/c1.vcf"]
+        assert listing.token is not None and listing.token.startswith("ctag:")
+        same = await store.changes(book, listing.token)
+        assert not same.changed and same.token == listing.token
+        put_server(BOB, "contacts", "c2.vcf", ical.render(contact("c2", owner=BOB)))
+        moved = await store.changes(book, listing.token)
+        assert moved.complete and len(moved.changed) == 2 and moved.token != listing.token
