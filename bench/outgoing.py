@@ -25,6 +25,7 @@ import datetime as dt
 import os
 import random
 import smtplib
+import socket
 import sys
 import tempfile
 import time
@@ -144,6 +145,9 @@ def raw_loop(messages: list[bytes]) -> float:
     start = time.perf_counter()
     with smtplib.SMTP(ts.HOST, ts.SUBMISSION_PORT, timeout=30) as smtp:
         smtp.starttls(context=ts.ssl_context())
+        # Without TCP_NODELAY, Nagle + delayed ACK stall every message over ~16 KB by 40 ms
+        # on TLS (35 msg/s instead of ~450): the limit is measured without that stall.
+        smtp.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         smtp.login(SENDER, "bob-pw")
         for raw in messages:
             smtp.sendmail(SENDER, [RECIPIENT], raw)

@@ -75,7 +75,7 @@ def test_rebuilding_gives_identical_bytes() -> None:
     first = compose(with_file, date=DATE, smtputf8_offered=False)
     second = compose(with_file, date=DATE, smtputf8_offered=False)
     assert first.raw == second.raw
-    assert b"=_ss0_" in first.raw
+    assert b"=_ss_mix_" in first.raw and b"=_ss_alt_" in first.raw
 
 
 def test_attachments_with_non_ascii_names_use_rfc2231() -> None:
@@ -178,3 +178,19 @@ def test_due_at_is_the_latest_constraint() -> None:
     assert due_at(DATE, None, None) == DATE
     assert due_at(DATE, later, None) == later
     assert due_at(DATE, None, later + dt.timedelta(1)) == later + dt.timedelta(1)
+
+
+def test_8bit_bodies_when_offered_and_long_headers_folded() -> None:
+    many = tuple(Recipient(Role.TO, f"person{i}@example.test", f"Pérson {i}") for i in range(8))
+    long_subject = "Überweisung " * 12
+    built = compose(activity(recipients=many, subject=long_subject), date=DATE,
+                    smtputf8_offered=False, eightbit_offered=True)
+    head = built.raw.partition(b"\r\n\r\n")[0]
+    assert head.isascii() and all(len(line) <= 998 for line in built.raw.split(b"\r\n"))
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    assert b"Content-Transfer-Encoding: 8bit" in built.raw and "Grüße".encode() in built.raw
+    msg = parse(built.raw)
+    assert msg["Subject"] == long_subject.strip() + " [SSY:000042]" or \
+        msg["Subject"] == f"{long_subject} [SSY:000042]"
+    assert [a.addr_spec for a in msg["To"].addresses] == [r.address for r in many]
+    assert msg["To"].addresses[3].display_name == "Pérson 3"

@@ -210,6 +210,10 @@ def offers_smtputf8(client: aiosmtplib.SMTP) -> bool:
     return client.supports_extension("smtputf8")
 
 
+def offers_8bitmime(client: aiosmtplib.SMTP) -> bool:
+    return client.supports_extension("8bitmime")
+
+
 _BROKEN = (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError)
 
 
@@ -228,7 +232,7 @@ def _lost(what: str, exc: BaseException) -> TransientError:
 
 
 async def submit(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str],
-                 message: bytes, *, smtputf8: bool = False,
+                 message: bytes, *, smtputf8: bool = False, eightbit: bool = False,
                  before_data: Callable[[], Awaitable[None]] | None = None) -> Submission:
     """One mail transaction: MAIL FROM, RCPT TO each recipient, DATA.
 
@@ -241,8 +245,8 @@ async def submit(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str]
         options.append(f"SIZE={len(message)}")
     if smtputf8:
         options.append("SMTPUTF8")
-        if client.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
+    if (smtputf8 or eightbit) and client.supports_extension("8bitmime"):
+        options.append("BODY=8BITMIME")
     try:
         await client.mail(sender, options=options, encoding=encoding)
     except aiosmtplib.SMTPResponseException as exc:

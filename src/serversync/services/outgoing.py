@@ -491,6 +491,7 @@ class _Run:
         try:
             composed = compose(activity, date=claimed.date_header,
                                smtputf8_offered=smtp.offers_smtputf8(client),
+                               eightbit_offered=smtp.offers_8bitmime(client),
                                on_behalf_of=self.on_behalf_of, priority=claimed.priority)
             sender = smtp.envelope_sender(self.login)
             if not sender.isascii() and not composed.smtputf8:
@@ -511,7 +512,8 @@ class _Run:
 
         try:
             submission = await smtp.submit(client, sender, composed.recipients, composed.raw,
-                                           smtputf8=composed.smtputf8, before_data=mark)
+                                           smtputf8=composed.smtputf8,
+                                           eightbit=composed.eightbit, before_data=mark)
         except smtp.MessageRefused as exc:
             self._fail(item, exc, (*_results(exc.refused), *unreachable))
             return client.is_connected
@@ -690,7 +692,8 @@ class _Run:
             try:
                 if not await folder.contains(claimed.message_id):
                     composed = compose(activities[claimed.email_id], date=claimed.date_header,
-                                       smtputf8_offered=True, on_behalf_of=self.on_behalf_of,
+                                       smtputf8_offered=True, eightbit_offered=True,
+                                       on_behalf_of=self.on_behalf_of,
                                        priority=claimed.priority)
                     await folder.append([(composed.sent_copy, claimed.date_header)])
                     self.tally.copies += 1
