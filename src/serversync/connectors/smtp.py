@@ -24,6 +24,7 @@ each session reused for many messages (see `serversync.services.outgoing`).
 from __future__ import annotations
 
 import base64
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -65,17 +66,22 @@ def classify_reply(code: int, message: str, *, sender: str, what: str) -> SyncEr
 
 
 async def connect(endpoint: Endpoint, login: Login, options: ConnectOptions, *,
-                  local_hostname: str | None = None) -> aiosmtplib.SMTP:
+                  local_hostname: str | None = None,
+                  context: ssl.SSLContext | None = None) -> aiosmtplib.SMTP:
     """A connected, authenticated SMTP client; the caller closes it with `close`.
 
     ``local_hostname`` is the EHLO name; by default aiosmtplib asks ``socket.getfqdn()``
-    (a resolver call per connection), so the send pipeline passes it once.
+    (a resolver call per connection), so the send pipeline passes it once. ``context`` is a
+    verifying TLS context from `connectors.net.tls_context` to share between sessions
+    (loading the system trust store costs ~20 ms of CPU each time).
     """
+    if endpoint.tls is not TlsMode.NONE and context is None:
+        context = tls_context(options.ca_file)
     client = aiosmtplib.SMTP(
         hostname=endpoint.host, port=endpoint.port, timeout=options.timeout,
         use_tls=endpoint.tls is TlsMode.IMPLICIT,
         start_tls=endpoint.tls is TlsMode.STARTTLS, local_hostname=local_hostname,
-        tls_context=tls_context(options.ca_file) if endpoint.tls is not TlsMode.NONE else None)
+        tls_context=context if endpoint.tls is not TlsMode.NONE else None)
     try:
         try:
             await client.connect()

@@ -56,6 +56,7 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from serversync.connectors import smtp
-from serversync.connectors.net import ConnectOptions
+from serversync.connectors.net import ConnectOptions, tls_context
 from serversync.connectors.sentfolder import SentFolder
 from serversync.core import rules
 from serversync.core.compose import Composed, ComposeError, compose, make_message_id
@@ -92,6 +93,7 @@ from serversync.core.model import (
     Profile,
     ServerKind,
     SyncMethod,
+    TlsMode,
 )
 from serversync.core.outgoing import (
     LEASE,
@@ -110,7 +112,7 @@ from serversync.services.admin import Clock, connect_options, utcnow
 from serversync.services.channels import RunSummary
 from serversync.store.db import Database
 from serversync.store.emails import EmailStore
-from serversync.store.outgoing import Claimed, Finish, OutgoingStore
+from serversync.store.outgoing import Claimed, Finish, OutgoingStore, journal
 
 log = logging.getLogger("serversync.outgoing")
 
@@ -208,10 +210,7 @@ class _Journal:
             marks, self._marks = self._marks, []
             finishes, self._finishes = self._finishes, []
             try:
-                async with self.db.transaction() as repo:
-                    store = OutgoingStore(repo.session)
-                    await store.mark_submitting([i for i, _ in marks], self.clock())
-                    await store.finish(finishes)
+                await journal(self.db, [i for i, _ in marks], finishes, self.clock())
             except Exception as exc:  # the database is gone: nothing more may be sent
                 self.error = exc
                 for _, future in marks:
@@ -387,6 +386,15 @@ class _Run:
         self._copies: list[tuple[_Item, Composed, Finish]] = []
         self._copy_task: asyncio.Task[None] | None = None
         self.on_behalf_of = login.user if login.mode is AccessMode.DELEGATION else None
+        self._tls_context: ssl.SSLContext | None = None
+
+    def _tls(self) -> ssl.SSLContext | None:
+        """One verifying TLS context for every session of the run."""
+        if self.endpoint.tls is TlsMode.NONE:
+            return None
+        if self._tls_context is None:
+            self._tls_context = tls_context(self.options.ca_file)
+        return self._tls_context
 
     @property
     def copies_possible(self) -> bool:
@@ -464,7 +472,8 @@ class _Run:
                     if client is None:
                         try:
                             client = await smtp.connect(self.endpoint, self.login, self.options,
-                                                        local_hostname=self.service._ehlo_name)
+                                                        local_hostname=self.service._ehlo_name,
+                                                        context=self._tls())
                             self.connected = True
                         except PermanentError as exc:
                             self.fatal = exc

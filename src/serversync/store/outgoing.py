@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
@@ -27,12 +27,14 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
+    bindparam,
     func,
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from serversync.core.email import EmailStatus
@@ -45,6 +47,7 @@ from serversync.core.outgoing import (
     RecipientStatus,
     SendState,
 )
+from serversync.store.db import Database
 from serversync.store.emails import EmailRow
 from serversync.store.tables import Base
 
@@ -117,7 +120,6 @@ class Finish:
     accepted_at: dt.datetime | None = None
     smtp_reply: str | None = None
     content_hash: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _results(values: Sequence[dict[str, Any]] | None) -> tuple[RecipientResult, ...]:
@@ -258,10 +260,7 @@ class OutgoingStore:
 
     async def mark_submitting(self, email_ids: Sequence[int], now: dt.datetime) -> None:
         """The journal entry written just before SMTP DATA (see `core.outgoing.Phase`)."""
-        if email_ids:
-            await self.session.execute(
-                update(OutgoingRow).where(OutgoingRow.email_id.in_(list(email_ids)))
-                .values(phase=Phase.SUBMITTING.value, updated_at=now))
+        await write_journal(await self.session.connection(), email_ids, (), now)
 
     async def release(self, email_ids: Sequence[int], now: dt.datetime) -> None:
         """Put claimed-but-untried emails back to Pending Send; the attempt did not happen."""
@@ -279,43 +278,8 @@ class OutgoingStore:
                     lease_until=None, lease_owner=None, updated_at=now))
 
     async def finish(self, outcomes: Sequence[Finish]) -> None:
-        """Write the outcome of many attempts: two executemany statements."""
-        if not outcomes:
-            return
-        email_rows: list[dict[str, Any]] = []
-        outgoing_rows: list[dict[str, Any]] = []
-        for f in outcomes:
-            values: dict[str, Any] = {"id": f.email_id, "status": f.status.value}
-            if f.status is EmailStatus.SENT:
-                values["sent_at"] = f.accepted_at or f.now
-                if f.content_hash:
-                    values["content_hash"] = f.content_hash
-            email_rows.append(values)
-            retry = f.status is EmailStatus.PENDING_SEND
-            row: dict[str, Any] = {
-                "email_id": f.email_id, "attempts": f.attempts,
-                "phase": (Phase.QUEUED if retry else Phase.DONE).value,
-                "lease_until": None, "lease_owner": None, "next_attempt_at": f.next_attempt_at,
-                "last_error": f.error, "last_error_code": f.error_code, "updated_at": f.now}
-            if retry and f.next_attempt_at is not None:
-                row["due_at"] = f.next_attempt_at
-            if f.recipients:
-                row["recipient_results"] = _results_json(f.recipients)
-            if f.sent_copy is not None:
-                row["sent_copy"] = f.sent_copy.value
-            if f.accepted_at is not None:
-                row["accepted_at"] = f.accepted_at
-            if f.smtp_reply is not None:
-                row["smtp_reply"] = f.smtp_reply
-            row.update(f.extra)
-            outgoing_rows.append(row)
-        # executemany needs the same keys in every parameter set: group by key set
-        for table, rows in ((EmailRow, email_rows), (OutgoingRow, outgoing_rows)):
-            groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-            for values in rows:
-                groups.setdefault(tuple(sorted(values)), []).append(values)
-            for group in groups.values():
-                await self.session.execute(update(table), group)
+        """Write the outcome of many attempts (two executemany statements)."""
+        await write_journal(await self.session.connection(), (), outcomes, None)
 
     async def set_copy(self, states: Sequence[tuple[int, CopyState, str | None]],
                        now: dt.datetime) -> None:
@@ -327,3 +291,69 @@ class OutgoingStore:
         for group in (plain, noted):
             if group:
                 await self.session.execute(update(OutgoingRow), group)
+
+
+# ---------------------------------------------------------------- the journal, in Core
+#
+# The send pipeline writes one small transaction per message or two ("submitting" before
+# DATA, the outcome after). Through the ORM's bulk-update path those cost more CPU than the
+# SMTP transaction itself, so they are fixed Core statements (compiled once, cached) run
+# with executemany on a plain connection.
+
+_EMAILS: Table = EmailRow.__table__  # type: ignore[assignment]
+_OUTGOING: Table = OutgoingRow.__table__  # type: ignore[assignment]
+_MARK = (update(_OUTGOING).where(_OUTGOING.c.email_id == bindparam("b_id"))
+         .values(phase=Phase.SUBMITTING.value, updated_at=bindparam("b_now")))
+_EMAIL_OUTCOME = (
+    update(_EMAILS).where(_EMAILS.c.id == bindparam("b_id"))
+    .values(status=bindparam("b_status"),
+            sent_at=func.coalesce(bindparam("b_sent_at", type_=_EMAILS.c.sent_at.type),
+                                  _EMAILS.c.sent_at),
+            content_hash=func.coalesce(bindparam("b_hash", type_=String()),
+                                       _EMAILS.c.content_hash)))
+_OUTGOING_OUTCOME = (
+    update(_OUTGOING).where(_OUTGOING.c.email_id == bindparam("b_id"))
+    .values(attempts=bindparam("b_attempts"), phase=bindparam("b_phase"),
+            lease_until=None, lease_owner=None,
+            next_attempt_at=bindparam("b_next", type_=_OUTGOING.c.next_attempt_at.type),
+            due_at=func.coalesce(bindparam("b_due", type_=_OUTGOING.c.due_at.type),
+                                 _OUTGOING.c.due_at),
+            last_error=bindparam("b_error", type_=Text()),
+            last_error_code=bindparam("b_code", type_=String()),
+            recipient_results=bindparam("b_results", type_=_OUTGOING.c.recipient_results.type),
+            sent_copy=func.coalesce(bindparam("b_copy", type_=String()), _OUTGOING.c.sent_copy),
+            accepted_at=func.coalesce(bindparam("b_accepted",
+                                                type_=_OUTGOING.c.accepted_at.type),
+                                      _OUTGOING.c.accepted_at),
+            smtp_reply=func.coalesce(bindparam("b_reply", type_=Text()), _OUTGOING.c.smtp_reply),
+            updated_at=bindparam("b_now", type_=_OUTGOING.c.updated_at.type)))
+
+
+async def write_journal(connection: AsyncConnection, marks: Sequence[int],
+                        outcomes: Sequence[Finish], now: dt.datetime | None) -> None:
+    """"Submitting" marks and attempt outcomes, inside the caller's transaction."""
+    if marks:
+        await connection.execute(_MARK, [{"b_id": i, "b_now": now} for i in marks])
+    if not outcomes:
+        return
+    await connection.execute(_EMAIL_OUTCOME, [
+        {"b_id": f.email_id, "b_status": f.status.value,
+         "b_sent_at": (f.accepted_at or f.now) if f.status is EmailStatus.SENT else None,
+         "b_hash": f.content_hash} for f in outcomes])
+    await connection.execute(_OUTGOING_OUTCOME, [
+        {"b_id": f.email_id, "b_attempts": f.attempts,
+         "b_phase": (Phase.QUEUED if f.status is EmailStatus.PENDING_SEND else Phase.DONE).value,
+         "b_next": f.next_attempt_at,
+         "b_due": f.next_attempt_at if f.status is EmailStatus.PENDING_SEND else None,
+         "b_error": f.error, "b_code": f.error_code,
+         "b_results": _results_json(f.recipients),
+         "b_copy": f.sent_copy.value if f.sent_copy is not None else None,
+         "b_accepted": f.accepted_at, "b_reply": f.smtp_reply, "b_now": f.now}
+        for f in outcomes])
+
+
+async def journal(db: Database, marks: Sequence[int], outcomes: Sequence[Finish],
+                  now: dt.datetime) -> None:
+    """One short transaction of journal writes on a plain connection (no ORM session)."""
+    async with db.engine.begin() as connection:
+        await write_journal(connection, marks, outcomes, now)
