@@ -331,7 +331,8 @@ class IncomingJob:
                 Severity.WARNING, "quarantined",
                 f"{len(plan.quarantine)} message(s) in {ctx.folder} of {ctx.mailbox.address} "
                 f"were quarantined (first: {first[1]}: {first[2][:200]})",
-                "the raw messages are kept; inspect them with `serversync quarantine list`",
+                "the raw messages are kept in the quarantine (incoming_quarantine) with the reason; "
+                "fix the cause, or track them by hand",
                 mailbox=ctx.mailbox.address, profile=ctx.profile.name,
                 channel=Channel.INCOMING, created_at=ctx.now))
         for alert in plan.alerts:
