@@ -112,7 +112,7 @@ from serversync.services.admin import Clock, connect_options, utcnow
 from serversync.services.channels import RunSummary
 from serversync.store.db import Database
 from serversync.store.emails import EmailStore
-from serversync.store.outgoing import Claimed, Finish, OutgoingStore, journal
+from serversync.store.outgoing import Claimed, Finish, Journal, OutgoingStore
 
 log = logging.getLogger("serversync.outgoing")
 
@@ -184,7 +184,7 @@ class _Journal:
     """
 
     def __init__(self, db: Database, clock: Clock) -> None:
-        self.db = db
+        self.store = Journal(db)
         self.clock = clock
         self._marks: list[tuple[int, asyncio.Future[None]]] = []
         self._finishes: list[Finish] = []
@@ -210,7 +210,7 @@ class _Journal:
             marks, self._marks = self._marks, []
             finishes, self._finishes = self._finishes, []
             try:
-                await journal(self.db, [i for i, _ in marks], finishes, self.clock())
+                await self.store.write([i for i, _ in marks], finishes, self.clock())
             except Exception as exc:  # the database is gone: nothing more may be sent
                 self.error = exc
                 for _, future in marks:
@@ -224,6 +224,7 @@ class _Journal:
     async def drain(self) -> None:
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
+        await self.store.close()
         if self.error is not None:
             raise TransientError(f"could not record outgoing email results ({self.error})",
                                  fix="check the database; emails left in Sending are "
