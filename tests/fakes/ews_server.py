@@ -512,6 +512,10 @@ def _error_message(response: etree._Element, operation: str, error: ItemError) -
     etree.SubElement(message, q(M, "MessageText")).text = error.message
     etree.SubElement(message, q(M, "ResponseCode")).text = error.code
     etree.SubElement(message, q(M, "DescriptiveLinkKey")).text = "0"
+    if operation == "SyncFolderItems":
+        # the documented error shape keeps both elements (SyncFolderItems operation page)
+        etree.SubElement(message, q(M, "SyncState"))
+        etree.SubElement(message, q(M, "IncludesLastItemInRange")).text = "true"
 
 
 def _item_id(parent: etree._Element, item: Item) -> None:

@@ -27,6 +27,8 @@ extra CA per endpoint; plain ``http://`` EWS URLs need the profile's ``allow_pla
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import datetime as dt
 import threading
 import urllib.parse
@@ -134,6 +136,33 @@ class ChangeKeyConflict(SyncError):
     """The item changed on the server since we read it (UpdateItem NeverOverwrite)."""
 
     code = "conflict"
+
+
+# ---------------------------------------------------------------- logs without secrets
+
+_AUTH_HEADER = re.compile(r"""(authorization['"]?\s*[:=]\s*['"]?)[^'"\r\n,}]+""", re.IGNORECASE)
+
+
+class _RedactAuthorization(logging.Filter):
+    """exchangelib logs every request's headers at DEBUG (and on errors, at ERROR), which
+    includes ``Authorization: Basic <user:password>``: mask the header's value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "uthorization" in message:
+            record.msg, record.args = _AUTH_HEADER.sub(r"\1********", message), None
+        return True
+
+
+_REDACTOR = _RedactAuthorization()
+
+
+def _install_log_redaction() -> None:
+    for name in ("exchangelib.util", "exchangelib.util.xml", "exchangelib.protocol",
+                 "exchangelib.services.common"):
+        logger = logging.getLogger(name)
+        if _REDACTOR not in logger.filters:
+            logger.addFilter(_REDACTOR)
 
 
 # ---------------------------------------------------------------- TLS and endpoints
@@ -318,6 +347,7 @@ class EwsMailbox:
             service_endpoint=url, credentials=credentials, version=SERVER_VERSION,
             retry_policy=FailFast(), max_connections=self.profile.max_concurrent_connections)
         _install_adapter(url or "", self.options.ca_file)
+        _install_log_redaction()
         account = Account(primary_smtp_address=self.login.target, config=config,
                           credentials=credentials, autodiscover=url is None,
                           access_type=access_type(self.login))

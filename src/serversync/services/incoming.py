@@ -226,15 +226,20 @@ class IncomingJob:
             asyncio.Queue(maxsize=1)
 
         async def produce() -> None:
-            async with contextlib.aclosing(source.fetch(
-                    folder, cursor, batch_size=self.options.batch_size, known=known)) as batches:
-                async for batch in batches:
-                    parsed = await asyncio.to_thread(
-                        mime.parse_batch, [m.raw for m in batch.messages],
-                        max_attachment_bytes=settings.max_attachment_bytes,
-                        threads=self.options.parse_threads) if batch.messages else []
-                    await queue.put((batch, parsed))
-            await queue.put(None)
+            try:
+                async with contextlib.aclosing(source.fetch(
+                        folder, cursor, batch_size=self.options.batch_size,
+                        known=known)) as batches:
+                    async for batch in batches:
+                        parsed = await asyncio.to_thread(
+                            mime.parse_batch, [m.raw for m in batch.messages],
+                            max_attachment_bytes=settings.max_attachment_bytes,
+                            threads=self.options.parse_threads) if batch.messages else []
+                        await queue.put((batch, parsed))
+            finally:
+                # also when the source fails: the consumer stops, then `await producer`
+                # re-raises the failure (without this it would wait on the queue forever)
+                await queue.put(None)
 
         producer = asyncio.create_task(produce())
         number = 0
