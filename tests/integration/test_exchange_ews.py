@@ -40,7 +40,7 @@ from serversync.services.incoming import IncomingJob
 from serversync.store.db import Database
 from serversync.store.emails import EmailStore
 from serversync.store.exchange import SyncTokens
-from tests.fakes.ews_server import M, S, T, EwsServer
+from tests.fakes.ews_server import EwsServer, M, S, T
 
 SVC, BOB, CAROL, NOBODY = ("svc@corp.test", "bob@corp.test", "carol@corp.test",
                            "nobody@corp.test")

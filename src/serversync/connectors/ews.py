@@ -27,9 +27,9 @@ extra CA per endpoint; plain ``http://`` EWS URLs need the profile's ``allow_pla
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import re
-import datetime as dt
 import threading
 import urllib.parse
 from collections.abc import AsyncGenerator, Callable, Sequence
