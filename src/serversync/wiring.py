@@ -7,7 +7,18 @@ tests import it; nothing else does.
 from __future__ import annotations
 
 from serversync.config import Settings
-from serversync.connectors import alertmail, dav, ews, gmail, graph, imap, imappush, pop3, smtp
+from serversync.connectors import (
+    alertmail,
+    dav,
+    ews,
+    gmail,
+    graph,
+    graph_items,
+    imap,
+    imappush,
+    pop3,
+    smtp,
+)
 from serversync.core.model import Alert, Channel, Profile, ServerKind
 from serversync.services import ProberRegistry, Services, connect_options
 from serversync.services.act import ActJob, StoreFactory
@@ -40,6 +51,7 @@ INCOMING_SOURCES.update({ServerKind.EXCHANGE: ews.source, ServerKind.EXCHANGE_ON
 
 # Appointment, contact and task stores per server kind (services.act).
 ACT_STORES: dict[ServerKind, StoreFactory] = {ServerKind.IMAP: dav.store}
+ACT_STORES[ServerKind.EXCHANGE_ONLINE] = graph_items.store
 
 # Push watchers per server kind (runtime.push); other kinds are polled.
 PUSHERS = {ServerKind.IMAP: imappush.watch}
