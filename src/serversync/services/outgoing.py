@@ -79,6 +79,7 @@ from serversync.core.email import (
 )
 from serversync.core.errors import (
     ConfigError,
+    ItemError,
     PermanentError,
     RuleViolation,
     SyncError,
@@ -426,6 +427,7 @@ class _Run:
             await self._settle_untried()
             await self.journal.drain()
         finally:
+            await self.journal.store.close()
             if self.sent_folder is not None:
                 await self.sent_folder.close()
         if self.fatal is not None:
@@ -488,7 +490,16 @@ class _Run:
                             self._build_ahead(client)
                         continue  # the queue may have drained while connecting
                     item = self.queue.popleft()
-                    keep = await self._send_one(client, item)
+                    try:
+                        keep = await self._send_one(client, item)
+                    except Exception as exc:  # a bug must not strand the batch in Sending
+                        log.exception("sending email activity %s failed unexpectedly",
+                                      item.claimed.email_id)
+                        self._fail(item, ItemError(
+                            f"internal error while sending: {type(exc).__name__}: {exc}",
+                            fix="report it with the log; the email may or may not have "
+                                "been delivered", code="internal"), ())
+                        keep = False
                     self.proven.set()
                     if not keep:
                         await smtp.close(client)
