@@ -11,6 +11,7 @@ from serversync.connectors import (
     alertmail,
     dav,
     ews,
+    ews_items,
     gmail,
     graph,
     graph_items,
@@ -52,6 +53,7 @@ INCOMING_SOURCES.update({ServerKind.EXCHANGE: ews.source, ServerKind.EXCHANGE_ON
 # Appointment, contact and task stores per server kind (services.act).
 ACT_STORES: dict[ServerKind, StoreFactory] = {ServerKind.IMAP: dav.store}
 ACT_STORES[ServerKind.EXCHANGE_ONLINE] = graph_items.store
+ACT_STORES[ServerKind.EXCHANGE] = ews_items.store
 
 # Push watchers per server kind (runtime.push); other kinds are polled.
 PUSHERS = {ServerKind.IMAP: imappush.watch}

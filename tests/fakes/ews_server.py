@@ -295,6 +295,8 @@ class EwsServer:
         else:
             since = 0
         limit = int(op.findtext(q(M, "MaxChangesReturned")) or 512)
+        wanted = {uri.get("FieldURI", "").partition(":")[2].lower()
+                  for uri in op.iter(q(T, "FieldURI"))}
         pending = [entry for entry in box.log.get(folder, []) if entry[0] > since]
         if not state_text:
             # A first sync reports what is there now, not the history.
@@ -321,6 +323,9 @@ class EwsServer:
                 assert item is not None
                 shown = etree.SubElement(element, q(T, item.kind))
                 etree.SubElement(shown, q(T, "ItemId"), Id=item.id, ChangeKey=item.change_key)
+                for child in item.element:  # the ItemShape's AdditionalProperties
+                    if etree.QName(child).localname.lower() in wanted:
+                        shown.append(_copy(child))
         return response
 
     def op_GetItem(self, op: etree._Element, caller: str, acting: str | None) -> etree._Element:
