@@ -20,6 +20,7 @@ import pytest
 from serversync import wiring
 from serversync.connectors import gmail
 from serversync.connectors.net import ConnectOptions
+from serversync.core.email import EmailStatus
 from serversync.core.model import (
     Channel,
     CredentialSource,
@@ -34,6 +35,7 @@ from serversync.core.rules import login_for
 from serversync.core.secret import Secret
 from serversync.manifest import Manifest, validate
 from serversync.services import Services
+from serversync.services.outgoing import NewEmail, OutgoingService
 from serversync.store.db import Database
 from tests.fakes.google_server import SCOPE, GoogleServers, new_service_account_key
 
@@ -169,3 +171,22 @@ async def test_no_key_or_token_in_urls_or_logs(services: Services,
     for secret in (key_line, *servers.state.tokens):
         assert all(secret not in r.path for r in servers.requests)
         assert all(secret not in record.getMessage() for record in caplog.records), secret
+
+
+async def test_outgoing_job_sends_with_xoauth2(services: Services, db: Database,
+                                               google: tuple[GoogleServers, str]) -> None:
+    servers, pem = google
+    await setup(services, servers, pem, {"address": ANN, "profile": "dwd"})
+    assert (await services.test_enable(ANN)).ok
+    outgoing = OutgoingService(db)
+    created = await outgoing.create(NewEmail(ANN, "Offer", to=["dave@customer.test"],
+                                             text="hello"))
+    summary = await outgoing(ANN)
+    assert (summary.items, summary.failures) == (1, 0), summary
+    [envelope] = servers.state.messages
+    assert envelope.mail_from == ANN and envelope.rcpt_tos == ["dave@customer.test"]
+    assert f"Message-ID: {created.message_id}".encode() in bytes(envelope.original_content or b"")
+    # the SMTP login was XOAUTH2 with a token, never the service account's key as a password
+    assert all(a.startswith(f"user={ANN}\x01auth=Bearer ya29.") for a in servers.state.smtp_auth)
+    state = await outgoing.state(created.id or 0)
+    assert state.status is EmailStatus.SENT

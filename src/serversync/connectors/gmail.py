@@ -32,9 +32,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from serversync.connectors import smtp
 from serversync.connectors.imap import ImapSource
 from serversync.connectors.imapwire import ImapClient
-from serversync.connectors.net import ConnectOptions, tls_context, translate
+from serversync.connectors.net import ConnectOptions, tls_context
 from serversync.connectors.oauth import AccessToken, TokenCache
 from serversync.connectors.protocols import ProbeResult
 from serversync.connectors.smtp import classify_reply
@@ -46,7 +47,6 @@ from serversync.core.model import (
     Endpoint,
     Mailbox,
     Profile,
-    TlsMode,
 )
 from serversync.core.rules import Login
 
@@ -154,26 +154,16 @@ class GmailSource(ImapSource):
             "CONDSTORE" in self.client.capabilities
 
 
-@asynccontextmanager
-async def smtp_session(profile: Profile, login: Login, options: ConnectOptions, *,
-                       tokens: TokenCache | None = None) -> AsyncIterator[aiosmtplib.SMTP]:
-    """An SMTP session authenticated with XOAUTH2 as the mailbox's user; QUIT on exit."""
+def smtp_authenticator(profile: Profile, login: Login, options: ConnectOptions, *,
+                       tokens: TokenCache | None = None) -> smtp.Authenticator:
+    """``AUTH XOAUTH2`` as the mailbox's user, for `connectors.smtp.connect`."""
+    cache = tokens or TokenCache()
     endpoint = profile.outgoing or profile.incoming
     assert endpoint is not None
-    token = await access_token(profile, login, options, tokens=tokens)
-    client = aiosmtplib.SMTP(
-        hostname=endpoint.host, port=endpoint.port, timeout=options.timeout,
-        use_tls=endpoint.tls is TlsMode.IMPLICIT, start_tls=endpoint.tls is TlsMode.STARTTLS,
-        tls_context=tls_context(options.ca_file) if endpoint.tls is not TlsMode.NONE else None)
-    try:
-        try:
-            await client.connect()
-        except aiosmtplib.SMTPException as exc:
-            cause = exc.__cause__ or exc.__context__ or exc
-            raise translate(cause if isinstance(cause, OSError) else exc, endpoint,
-                            "SMTP") from exc
-        except OSError as exc:
-            raise translate(exc, endpoint, "SMTP") from exc
+    where = f"{endpoint.host}:{endpoint.port}"
+
+    async def authenticate(client: aiosmtplib.SMTP) -> None:
+        token = await access_token(profile, login, options, tokens=cache)
         if client.last_ehlo_response is None:
             await client.ehlo()
         response = await client.execute_command(
@@ -181,23 +171,32 @@ async def smtp_session(profile: Profile, login: Login, options: ConnectOptions, 
         if response.code == 334:
             # Google sends a base64 JSON error as a challenge; an empty line ends the exchange.
             response = await client.execute_command(b"")
-        if response.code != 235:
-            where = f"{endpoint.host}:{endpoint.port}"
-            if 400 <= response.code < 500:
-                raise TransientError(f"SMTP XOAUTH2 at {where} deferred ({response.code})",
-                                     code="server-busy")
-            raise AuthError(f"SMTP XOAUTH2 login of {login.target} at {where} was refused "
-                            f"({response.code} {response.message})",
-                            fix="check the OAuth grant (domain-wide delegation or the user's "
-                                "consent) and the https://mail.google.com/ scope",
-                            code="auth-failed")
+        if response.code == 235:
+            return
+        if 400 <= response.code < 500:
+            raise TransientError(f"SMTP XOAUTH2 at {where} deferred ({response.code})",
+                                 code="server-busy")
+        raise AuthError(f"SMTP XOAUTH2 login of {login.target} at {where} was refused "
+                        f"({response.code} {response.message})",
+                        fix="check the OAuth grant (domain-wide delegation or the user's "
+                            "consent) and the https://mail.google.com/ scope",
+                        code="auth-failed")
+    return authenticate
+
+
+@asynccontextmanager
+async def smtp_session(profile: Profile, login: Login, options: ConnectOptions, *,
+                       tokens: TokenCache | None = None) -> AsyncIterator[aiosmtplib.SMTP]:
+    """An SMTP session authenticated with XOAUTH2 as the mailbox's user; QUIT on exit."""
+    endpoint = profile.outgoing or profile.incoming
+    assert endpoint is not None
+    client = await smtp.connect(endpoint, login, options,
+                                authenticator=smtp_authenticator(profile, login, options,
+                                                                 tokens=tokens))
+    try:
         yield client
     finally:
-        if client.is_connected:
-            try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError):
-                client.close()
+        await smtp.close(client)
 
 
 # ---------------------------------------------------------------- Test & Enable

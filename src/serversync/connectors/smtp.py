@@ -65,9 +65,14 @@ def classify_reply(code: int, message: str, *, sender: str, what: str) -> SyncEr
     return PermanentError(f"SMTP {what}: refused ({text})", code="smtp-refused")
 
 
+# Logs a connected client in (e.g. XOAUTH2 for Gmail, `connectors.gmail.smtp_authenticator`).
+Authenticator = Callable[[aiosmtplib.SMTP], Awaitable[None]]
+
+
 async def connect(endpoint: Endpoint, login: Login, options: ConnectOptions, *,
                   local_hostname: str | None = None,
-                  context: ssl.SSLContext | None = None) -> aiosmtplib.SMTP:
+                  context: ssl.SSLContext | None = None,
+                  authenticator: Authenticator | None = None) -> aiosmtplib.SMTP:
     """A connected, authenticated SMTP client; the caller closes it with `close`.
 
     ``local_hostname`` is the EHLO name; by default aiosmtplib asks ``socket.getfqdn()``
@@ -93,7 +98,10 @@ async def connect(endpoint: Endpoint, login: Login, options: ConnectOptions, *,
                             "SMTP") from exc
         except OSError as exc:
             raise translate(exc, endpoint, "SMTP") from exc
-        await authenticate(client, endpoint, login)
+        if authenticator is not None:
+            await authenticator(client)
+        else:
+            await authenticate(client, endpoint, login)
     except BaseException:
         await close(client)
         raise
@@ -121,6 +129,12 @@ async def session(endpoint: Endpoint, login: Login, options: ConnectOptions, *,
 
 
 async def authenticate(client: aiosmtplib.SMTP, endpoint: Endpoint, login: Login) -> None:
+    if login.mode is AccessMode.APP:
+        # an app login's secret is an OAuth client secret or a service account's private
+        # key: never send it as a password (Gmail uses XOAUTH2, see connectors.gmail)
+        raise PermanentError(f"SMTP at {endpoint.host}: app (OAuth) credentials cannot log in "
+                             "with a password", fix="send through the profile kind's own "
+                             "connector (XOAUTH2 for Gmail)", code="auth-unsupported")
     secret = login.secret.reveal() if login.secret else ""
     try:
         if login.authzid is not None:

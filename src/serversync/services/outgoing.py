@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from serversync.connectors import smtp
+from serversync.connectors import gmail, smtp
 from serversync.connectors.net import ConnectOptions, tls_context
 from serversync.connectors.sentfolder import SentFolder
 from serversync.core import rules
@@ -476,9 +476,12 @@ class _Run:
                 while self.queue and self.fatal is None and loop.time() < self.deadline:
                     if client is None:
                         try:
-                            client = await smtp.connect(self.endpoint, self.login, self.options,
-                                                        local_hostname=self.service._ehlo_name,
-                                                        context=self._tls())
+                            client = await smtp.connect(
+                                self.endpoint, self.login, self.options,
+                                local_hostname=self.service._ehlo_name, context=self._tls(),
+                                authenticator=gmail.smtp_authenticator(
+                                    self.profile, self.login, self.options)
+                                if self.profile.kind is ServerKind.GMAIL else None)
                             self.connected = True
                         except PermanentError as exc:
                             self.fatal = exc
