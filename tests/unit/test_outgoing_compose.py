@@ -194,3 +194,21 @@ def test_8bit_bodies_when_offered_and_long_headers_folded() -> None:
         msg["Subject"] == f"{long_subject} [SSY:000042]"
     assert [a.addr_spec for a in msg["To"].addresses] == [r.address for r in many]
     assert msg["To"].addresses[3].display_name == "Pérson 3"
+
+
+def test_utf8_names_with_utf8_addresses() -> None:
+    eai = activity(recipients=(Recipient(Role.FROM, "bob@example.test", "Bob Bäcker"),
+                               Recipient(Role.TO, "jörg@bücher.example", "Jörg, der Bücher")))
+    built = compose(eai, date=DATE, smtputf8_offered=True)
+    msg = email.message_from_string(built.raw.decode("utf-8").replace("\r\n", "\n"),
+                                    policy=email.policy.default)
+    assert msg["To"].addresses[0].display_name == "Jörg, der Bücher"
+    assert msg["To"].addresses[0].addr_spec == "jörg@bücher.example"
+
+
+def test_unexpressible_activity_is_a_compose_error() -> None:
+    broken = activity(recipients=(Recipient(Role.TO, "dave@example.test"),),
+                      in_reply_to="<a@b>", attachments=(
+                          Attachment("x", "application/pdf", 1, "not bytes"),))  # type: ignore[arg-type]
+    with pytest.raises(ComposeError, match="cannot be built"):
+        compose(broken, date=DATE, smtputf8_offered=False)

@@ -21,6 +21,7 @@ Pure: standard library only.
 from __future__ import annotations
 
 import datetime as dt
+import email.errors
 import email.header
 import email.policy
 import email.utils
@@ -28,7 +29,6 @@ import hashlib
 import html.parser
 import re
 from dataclasses import dataclass
-from email.headerregistry import Address
 from email.message import EmailMessage
 
 from serversync.core.email import EmailActivity, Role
@@ -101,8 +101,9 @@ def _header_address(name: str, address: str, smtputf8: bool) -> str:
     spec = f"{local}@{domain if smtputf8 else _idna(domain)}"
     if not name:
         return spec
-    if smtputf8:
-        return str(Address(display_name=name, addr_spec=spec))
+    if smtputf8:  # RFC 6532: UTF-8 in a quoted display name, the address as it is
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{quoted}" <{spec}>'
     return email.utils.formataddr((name, spec), charset="utf-8")
 
 
@@ -184,6 +185,25 @@ def compose(activity: EmailActivity, *, date: dt.datetime, smtputf8_offered: boo
             eightbit_offered: bool = False, on_behalf_of: str | None = None,
             priority: Priority = Priority.NORMAL) -> Composed:
     """Build the message for ``activity`` as it will be submitted in this session.
+
+    Raises `ComposeError` (never another exception) when the activity cannot be expressed.
+    """
+    try:
+        return _compose(activity, date=date, smtputf8_offered=smtputf8_offered,
+                        eightbit_offered=eightbit_offered, on_behalf_of=on_behalf_of,
+                        priority=priority)
+    except ComposeError:
+        raise
+    except (ValueError, TypeError, LookupError, email.errors.MessageError) as exc:
+        raise ComposeError(f"email activity {activity.id} cannot be built as a message "
+                           f"({type(exc).__name__}: {exc})",
+                           fix="correct the addresses, names or attachments") from exc
+
+
+def _compose(activity: EmailActivity, *, date: dt.datetime, smtputf8_offered: bool,
+             eightbit_offered: bool, on_behalf_of: str | None,
+             priority: Priority) -> Composed:
+    """`compose` without the error translation.
 
     ``on_behalf_of`` is the delegate's address when a delegate sends for the owner: it
     becomes the ``Sender:`` header (RFC 5322 §3.6.2) while ``From:`` stays the owner.

@@ -600,6 +600,9 @@ class _Run:
                                      priority=item.claimed.priority)
             except ComposeError as exc:
                 item.built = exc
+            except Exception:  # a bug: leave it to _send_one, which fails just this email
+                log.exception("building email activity %s failed", item.claimed.email_id)
+                continue
             item.offers = offers
 
     # ------------------------------------------------------------ outcomes
