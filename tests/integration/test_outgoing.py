@@ -62,6 +62,7 @@ from tests.testservers import (
     master_login,
     quote,
     reset_mailbox,
+    set_acl,
     ssl_context,
     wait_for_message,
 )
@@ -509,3 +510,22 @@ async def test_reply_is_correlated_back_by_incoming_sync(sqlite_db: Database) ->
     assert by_header.correlation is CorrelationMethod.IN_REPLY_TO
     assert by_token is not None and by_token.correlated_to == second.id
     assert by_token.correlation is CorrelationMethod.TRACKING_TOKEN
+
+
+async def test_delegate_sends_on_behalf_with_sender_header(sqlite_db: Database) -> None:
+    """Use Impersonation = No: svc logs in as itself, sends on behalf of bob (Sender: svc),
+    and files the copy in bob's Sent folder through the shared namespace (ACL granted)."""
+    reset_mailbox(BOB)
+    set_acl(BOB, "Sent", SVC, "lrswi")
+    delegation = dataclasses.replace(CORP, name="delegation", use_impersonation=False)
+    await add_mailbox(sqlite_db, delegation, BOB)
+    outgoing = OutgoingService(sqlite_db)
+    created = await outgoing.create(NewEmail(BOB, "on behalf", to=[DAVE], text="x"))
+    assert (await outgoing(BOB)).items == 1
+    msg = fetch(DAVE, created.message_id or "")
+    assert msg["From"].addresses[0].addr_spec == BOB
+    assert str(msg["Sender"]) == SVC
+    assert "Authenticated sender: svc@example.test" in str(msg.get_all("Received"))
+    assert count(BOB, created.message_id or "", "Sent") == 1
+    assert (await outgoing.state(created.id or 0)).sent_copy is CopyState.DONE
+    reset_mailbox(BOB)  # drops the ACL again
