@@ -529,3 +529,26 @@ async def test_delegate_sends_on_behalf_with_sender_header(sqlite_db: Database) 
     assert count(BOB, created.message_id or "", "Sent") == 1
     assert (await outgoing.state(created.id or 0)).sent_copy is CopyState.DONE
     reset_mailbox(BOB)  # drops the ACL again
+
+
+async def test_sent_copy_that_failed_is_made_by_the_next_run(sqlite_db: Database) -> None:
+    """IMAP down while sending: the email is Sent, its copy pending; the next run makes it."""
+    broken = dataclasses.replace(OWN, name="imap-down", allow_plaintext=True,
+                                 incoming=Endpoint(HOST, _free_port(), TlsMode.NONE))
+    await add_mailbox(sqlite_db, broken, BOB)
+    outgoing = OutgoingService(sqlite_db)
+    created = await outgoing.create(NewEmail(BOB, "late copy", to=[DAVE], text="x",
+                                             bcc=[HEIDI]))
+    assert (await outgoing(BOB)).items == 1
+    state = await outgoing.state(created.id or 0)
+    assert state.status is EmailStatus.SENT and state.sent_copy is CopyState.PENDING
+    async with sqlite_db.transaction() as repo:  # the administrator fixes the IMAP server
+        profile = await repo.get_profile("imap-down")
+        await repo.save_profile(dataclasses.replace(profile, incoming=OWN.incoming))
+    summary = await outgoing(BOB)
+    assert "1 Sent copies made late" in summary.detail
+    assert (await outgoing.state(created.id or 0)).sent_copy is CopyState.DONE
+    copy = fetch(BOB, created.message_id or "", "Sent")
+    assert str(copy["Bcc"]) == HEIDI
+    await outgoing(BOB)  # nothing more to copy: never a second copy
+    assert count(BOB, created.message_id or "", "Sent") == 1
