@@ -337,6 +337,12 @@ class GraphServer:
         if item is None:
             return _json(404, _err("ErrorItemNotFound", "The specified object was not found "
                                                         "in the store."))
+        if rest[1:] == ["extensions"] and method == "POST":
+            # open extensions (To Do tasks): stored on the item, returned with $expand
+            extension = {**json.loads(request.body), "id": json.loads(request.body)
+                         .get("extensionName")}
+            item.setdefault("extensions", []).append(extension)
+            return _json(201, extension)
         match = request.headers.get("if-match")
         if match and match != item["@odata.etag"]:
             return _json(412, _err("ErrorIrresolvableConflict", "The change key passed in "

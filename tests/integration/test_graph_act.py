@@ -19,7 +19,15 @@ import pytest
 from serversync import wiring
 from serversync.connectors import graph_items
 from serversync.connectors.protocols import PreconditionFailed
-from serversync.core.act import Appointment, Contact, ItemKind, Phone, content_hash
+from serversync.core.act import (
+    Appointment,
+    Contact,
+    ItemKind,
+    Phone,
+    Task,
+    TaskStatus,
+    content_hash,
+)
 from serversync.core.model import (
     ApprovalStatus,
     Channel,
@@ -96,8 +104,14 @@ async def test_both_directions_for_appointments_and_contacts(db: Database,
                              end=START + dt.timedelta(days=1, hours=1)))
     await act.create(person("c-app"))
     await act.create(person("c-keep", full_name="Kim Park", emails=("kim@acme.test",)))
+    await act.create(Task(uid="t-app", subject="Send offer", due=START, priority=1, owner=BOB))
+    await act.create(Task(uid="t-keep", subject="Call back", owner=BOB))
     summary = await act.sync(BOB)
-    assert summary.items == 4 and summary.failures == 0, summary
+    assert summary.items == 6 and summary.failures == 0, summary
+    tasks = by_uid(server, "todo:tasks-default")
+    assert {t["title"] for t in tasks.values()} == {"Send offer", "Call back"}
+    assert tasks["t-app"]["importance"] == "high"
+    assert tasks["t-app"]["extensions"][0]["extensionName"] == graph_items.EXTENSION
     events, contacts = by_uid(server, "events"), by_uid(server, "contacts")
     assert set(events) == {"m-app", "m-keep"} and set(contacts) == {"c-app", "c-keep"}
     assert events["m-app"]["subject"] == "Planning"
@@ -126,7 +140,10 @@ async def test_both_directions_for_appointments_and_contacts(db: Database,
     # application -> server: change and delete
     await act.change(person("c-app", job_title="CTO"))
     await act.delete(ItemKind.APPOINTMENT, "m-app")
-    assert (await act.sync(BOB)).items == 2
+    await act.change(Task(uid="t-app", subject="Send offer", due=START, priority=1, owner=BOB,
+                          status=TaskStatus.COMPLETED, percent_complete=100))
+    assert (await act.sync(BOB)).items == 3
+    assert by_uid(server, "todo:tasks-default")["t-app"]["status"] == "completed"
     assert "m-app" not in by_uid(server, "events")
     assert by_uid(server, "contacts")["c-app"]["jobTitle"] == "CTO"
     patches = [r for r in server.requests if r.method == "PATCH"]

@@ -1,22 +1,23 @@
-"""Appointments and contacts of an Exchange Online mailbox as a `protocols.ItemStore` (Graph).
+"""Appointments, contacts and tasks of an Exchange Online mailbox as a `protocols.ItemStore`.
 
 * **Identity.** The ACT service matches items by UID, but Graph assigns event ``iCalUId``s
-  and contacts have none, so our UID travels in a single-value extended property
-  (``String {GUID} Name serversync-uid``, Graph "singleValueLegacyExtendedProperty"), written
-  on create and read back with ``$expand``. Items created in Outlook have no such property:
-  their UID is their Graph id.
-* **Changes.** Contacts use ``contacts/delta`` (the deltaLink is the token). Events are
-  listed in full each time (ids and change keys only, like DAV's etag fallback): the v1.0
-  event delta needs a time window, and a window would make events outside it look deleted.
-  Items whose change key (ETag) we already hold are not read again.
+  and contacts and To Do tasks have none, so our UID travels in a single-value extended
+  property on events and contacts (``String {GUID} Name serversync-uid``, Graph
+  "singleValueLegacyExtendedProperty") and in an open extension (``org.serversync.sync``) on
+  To Do tasks, which have no extended properties; both are written on create and read back
+  with ``$expand``. Items created in Outlook or To Do carry neither: their UID is their id.
+* **Changes.** Contacts use ``contacts/delta`` and tasks ``todo/lists/{id}/tasks/delta`` (the
+  deltaLink is the token). Events are listed in full each time (ids and change keys only,
+  like DAV's etag fallback): the v1.0 event delta needs a time window, and a window would
+  make events outside it look deleted. Items whose ETag we already hold are not read again.
 * **Writes** carry ``If-Match`` with the ETag; 412 becomes `PreconditionFailed`. Times are
-  written and read in UTC (``Prefer: outlook.timezone="UTC"``).
+  written and read in UTC (``Prefer: outlook.timezone="UTC"``). Tasks go to the user's
+  default To Do list.
 
-Not mapped yet: recurring events (read as a problem, so the service quarantines them;
-written as an `ItemError`), To Do tasks (no client-settable identity on ``todoTask``; the
-store offers no task collection), phone kinds other than work/home/cell, and invitations —
-Graph sends them whenever an event with attendees is created, so without ``invitations`` the
-attendees are left off the server copy.
+Not mapped yet: recurring events and tasks (read as a problem, so the service quarantines
+them; written as an `ItemError`), a task's percentage (To Do only knows the status), phone
+kinds other than work/home/cell, and invitations — Graph sends them whenever an event with
+attendees is created, so without ``invitations`` the attendees are left off the server copy.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from serversync.connectors.graph import (
     ROLE_CALENDARS,
     ROLE_CONTACTS,
+    ROLE_TASKS,
     EtagConflict,
     GraphClient,
     StaleDelta,
@@ -54,6 +56,8 @@ from serversync.core.act import (
     PostalAddress,
     Record,
     Response,
+    Task,
+    TaskStatus,
     content_hash,
 )
 from serversync.core.errors import ItemError, NotFound
@@ -69,6 +73,9 @@ _RESPONSES = {"accepted": Response.ACCEPTED, "declined": Response.DECLINED,
               "tentativelyAccepted": Response.TENTATIVE}
 _ADDRESS_FIELDS = {"work": "businessAddress", "home": "homeAddress", "other": "otherAddress"}
 COLLECTIONS = {ItemKind.APPOINTMENT: "/events", ItemKind.CONTACT: "/contacts"}
+EXTENSION = "org.serversync.sync"  # open extension on To Do tasks carrying our UID
+_TASK_STATUS = {TaskStatus.NOT_STARTED: "notStarted", TaskStatus.IN_PROGRESS: "inProgress",
+                TaskStatus.COMPLETED: "completed", TaskStatus.CANCELLED: "deferred"}
 
 
 def _when(value: Mapping[str, Any] | None) -> dt.datetime | None:
@@ -94,6 +101,9 @@ def _uid(item: Mapping[str, Any]) -> str:
     for prop in item.get("singleValueExtendedProperties") or []:
         if str(prop.get("id", "")).lower() == UID_PROPERTY.lower() and prop.get("value"):
             return str(prop["value"])
+    for extension in item.get("extensions") or []:
+        if extension.get("extensionName") == EXTENSION and extension.get("uid"):
+            return str(extension["uid"])
     return str(item["id"])
 
 
@@ -146,6 +156,34 @@ def event_body(record: Appointment, *, invitations: bool) -> dict[str, Any]:
     if invitations:
         body["attendees"] = [{"emailAddress": {"address": a.address, "name": a.name},
                               "type": a.role.value} for a in record.attendees]
+    return body
+
+
+def task_record(item: Mapping[str, Any]) -> Task:
+    if item.get("recurrence"):
+        raise ItemError("recurring tasks are not synced over Microsoft Graph yet",
+                        code="unsupported-item")
+    due, start = _when(item.get("dueDateTime")), _when(item.get("startDateTime"))
+    status = {v: k for k, v in _TASK_STATUS.items()}.get(str(item.get("status")),
+                                                         TaskStatus.NOT_STARTED)
+    return Task(
+        uid=_uid(item), subject=str(item.get("title") or ""), due=due, start=start,
+        status=status, percent_complete=100 if status is TaskStatus.COMPLETED else 0,
+        priority={"high": 1, "low": 9}.get(str(item.get("importance")), 5),
+        completed_at=_when(item.get("completedDateTime")),
+        body=str((item.get("body") or {}).get("content") or ""))
+
+
+def task_body(record: Task) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "title": record.subject, "body": {"contentType": "text", "content": record.body},
+        "status": _TASK_STATUS[record.status],
+        "importance": "high" if 1 <= record.priority <= 4 else "low"
+        if record.priority >= 6 else "normal",
+        "dueDateTime": _graph_time(record.due) if record.due is not None else None,
+        "startDateTime": _graph_time(record.start) if record.start is not None else None}
+    if record.completed_at is not None:
+        body["completedDateTime"] = _graph_time(record.completed_at)
     return body
 
 
@@ -214,12 +252,26 @@ class GraphItemStore:
         await self.graph.__aexit__(*exc)
 
     async def collections(self, kinds: Sequence[ItemKind]) -> dict[ItemKind, ItemCollection]:
-        return {kind: ItemCollection(COLLECTIONS[kind], frozenset({kind}), kind.value)
-                for kind in kinds if kind in COLLECTIONS}
+        found = {kind: ItemCollection(COLLECTIONS[kind], frozenset({kind}), kind.value)
+                 for kind in kinds if kind in COLLECTIONS}
+        if ItemKind.TASK in kinds:
+            list_id = await self.graph.default_todo_list()
+            found[ItemKind.TASK] = ItemCollection(
+                f"/todo/lists/{urllib.parse.quote(list_id, safe='')}/tasks",
+                frozenset({ItemKind.TASK}), "tasks")
+        return found
 
     @staticmethod
     def _role(href: str) -> str:
+        if href.startswith("/todo/"):
+            return ROLE_TASKS
         return ROLE_CONTACTS if href.startswith("/contacts") else ROLE_CALENDARS
+
+    @staticmethod
+    def _record(href: str, item: Mapping[str, Any]) -> Record:
+        if href.startswith("/todo/"):
+            return task_record(item)
+        return contact_record(item) if href.startswith("/contacts") else event_record(item)
 
     @staticmethod
     def _href(collection: ItemCollection, item_id: str) -> str:
@@ -245,7 +297,9 @@ class GraphItemStore:
         cursor, complete = token, token is None
         while True:
             try:
-                page = await self.graph.contacts_delta(cursor)
+                page = (await self.graph.delta(f"{collection.href}/delta", cursor, role=role)
+                        if collection.href.startswith("/todo/")
+                        else await self.graph.contacts_delta(cursor))
             except StaleDelta:
                 if cursor is None:
                     raise
@@ -269,16 +323,17 @@ class GraphItemStore:
         out: list[FetchedItem] = []
         for href in hrefs:
             try:
-                response = await self.graph.request("GET", href, role=self._role(href),
-                                                    params=_EXPAND, headers=UTC)
+                response = await self.graph.request(
+                    "GET", href, role=self._role(href), headers=UTC,
+                    params={"$expand": f"extensions($filter=id eq '{EXTENSION}')"}
+                    if href.startswith("/todo/") else _EXPAND)
             except NotFound:
                 continue  # deleted between listing and reading: the next sync sees it
             item = response.json()
             raw = json.dumps(item, sort_keys=True).encode()
             etag = str(item.get("@odata.etag") or "")
             try:
-                record: Record = (contact_record(item) if collection.href == "/contacts"
-                                  else event_record(item))
+                record = self._record(href, item)
             except (ItemError, ValueError, TypeError, KeyError) as exc:
                 problem = exc.message if isinstance(exc, ItemError) else f"unreadable: {exc}"
                 out.append(FetchedItem(href, etag, raw, None, problem))
@@ -293,17 +348,25 @@ class GraphItemStore:
         elif isinstance(record, Appointment):
             body = event_body(record, invitations=invitations)
         else:
-            raise ItemError(f"{record.kind.value} items are not synced over Microsoft Graph yet",
-                            code="unsupported-item")
+            body = task_body(record)
         role = self._role(collection.href)
         try:
             if href is None:
-                item = await self.graph.create(collection.href, body, role=role)
+                item = dict(await self.graph.create(collection.href, body, role=role))
+                if isinstance(record, Task):
+                    # todoTask has no extended properties: our UID goes in an open extension
+                    extension = await self.graph.create(
+                        f"{self._href(collection, str(item['id']))}/extensions",
+                        {"@odata.type": "microsoft.graph.openTypeExtension",
+                         "extensionName": EXTENSION, "uid": record.uid}, role=role)
+                    item["extensions"] = [extension]
             else:
-                item = await self.graph.update(href, body, role=role, etag=if_match)
+                item = dict(await self.graph.update(href, body, role=role, etag=if_match))
+                if isinstance(record, Task):
+                    item["extensions"] = [{"extensionName": EXTENSION, "uid": record.uid}]
         except EtagConflict as exc:
             raise PreconditionFailed(exc.message) from None
-        written = contact_record(item) if isinstance(record, Contact) else event_record(item)
+        written = self._record(collection.href, item)
         return WrittenItem(self._href(collection, str(item["id"])),
                            str(item.get("@odata.etag") or "") or None, content_hash(written))
 
