@@ -2,7 +2,9 @@
 
 It implements the operations `serversync.connectors.ews` uses — GetFolder, SyncFolderItems,
 GetItem, FindItem, CreateItem (messages with SendAndSaveCopy; calendar items, contacts and
-tasks with SaveOnly), UpdateItem and DeleteItem — and the two access types: the
+tasks with SaveOnly), UpdateItem and DeleteItem; FindItem honours one restriction, ``IsEqualTo``
+on ``message:InternetMessageId`` (the outgoing job's Sent Items lookup) — and the two access
+types: the
 ``ExchangeImpersonation`` SOAP header (service account acting *as* a user) and delegate
 access (the caller names another mailbox in ``DistinguishedFolderId/Mailbox``).
 
@@ -10,7 +12,8 @@ Shapes follow Microsoft's EWS reference (see ``tests/fixtures/ews/*.xml``, each 
 page it is taken from). Errors are the documented ones: ``ErrorImpersonateUserDenied`` and
 ``ErrorNonExistentMailbox`` as SOAP faults, ``ErrorServerBusy`` as a fault with
 ``BackOffMilliseconds`` in ``MessageXml`` (HTTP 500), ``ErrorAccessDenied`` and
-``ErrorItemNotFound`` / ``ErrorIrresolvableConflict`` as response messages.
+``ErrorItemNotFound`` / ``ErrorIrresolvableConflict`` / ``ErrorMessageSizeExceeded`` as
+response messages.
 
 Only what our connector sends is understood; anything else is answered with
 ``ErrorInvalidOperation`` so a test notices at once.
@@ -19,6 +22,8 @@ Only what our connector sends is understood; anything else is answered with
 from __future__ import annotations
 
 import base64
+import email.parser
+import email.policy
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -99,6 +104,9 @@ class EwsServer:
         self.delegates: dict[str, set[str]] = {}  # mailbox -> accounts with delegate rights
         self.mailboxes: dict[str, Mailbox] = {}
         self.busy: list[int] = []  # back-off hints (ms) for the next requests: ErrorServerBusy
+        # the same, for the next requests of one operation only (e.g. "CreateItem")
+        self.busy_for: dict[str, list[int]] = {}
+        self.max_message_bytes: int | None = None  # larger sends: ErrorMessageSizeExceeded
         self.sent: list[tuple[str, bytes]] = []  # (mailbox, MIME) submitted for delivery
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
@@ -185,6 +193,10 @@ class EwsServer:
                 assert body is not None
                 operation = body[0]
                 name = etree.QName(operation).localname
+                if self.busy_for.get(name):
+                    raise Fault("ErrorServerBusy", "The server cannot service this request "
+                                "right now. Try again later.",
+                                backoff_ms=self.busy_for[name].pop(0))
                 handler = getattr(self, f"op_{name}", None)
                 if handler is None:
                     raise Fault("ErrorInvalidOperation", f"{name} is not implemented by the fake")
@@ -353,6 +365,17 @@ class EwsServer:
             _error_message(response, "FindItem", exc)
             return response
         found = [i for i in box.items.values() if i.folder == folder]
+        restriction = op.find(q(M, "Restriction"))
+        if restriction is not None:
+            field_uri = restriction.find(f"{{{T}}}IsEqualTo/{{{T}}}FieldURI")
+            constant = restriction.find(f"{{{T}}}IsEqualTo/{{{T}}}FieldURIOrConstant/"
+                                        f"{{{T}}}Constant")
+            if field_uri is None or constant is None or \
+                    field_uri.get("FieldURI") != "message:InternetMessageId":
+                raise Fault("ErrorInvalidOperation", "only IsEqualTo on "
+                            "message:InternetMessageId is implemented by the fake")
+            wanted = constant.get("Value")
+            found = [i for i in found if i.element.findtext(q(T, "InternetMessageId")) == wanted]
         message = _message(response, "FindItem")
         root = etree.SubElement(message, q(M, "RootFolder"), TotalItemsInView=str(len(found)),
                                 IncludesLastItemInRange="true")
@@ -384,6 +407,12 @@ class EwsServer:
             if kind == "Message":
                 mime_text = element.findtext(q(T, "MimeContent")) or ""
                 mime = base64.b64decode(mime_text)
+                if self.max_message_bytes is not None and len(mime) > self.max_message_bytes:
+                    message.getparent().remove(message)  # type: ignore[union-attr]
+                    _error_message(response, "CreateItem", ItemError(
+                        "ErrorMessageSizeExceeded",
+                        "The message exceeds the maximum supported size."))
+                    continue
                 if disposition in ("SendOnly", "SendAndSaveCopy"):
                     sender = acting or caller
                     if box.address != sender and sender not in self.delegates.get(
@@ -400,6 +429,12 @@ class EwsServer:
                     continue
                 target_folder = "sentitems" if disposition == "SendAndSaveCopy" else folder
                 stored = _strip(element, "MimeContent")
+                header = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+                    mime)
+                if header["Message-ID"] and stored.find(q(T, "InternetMessageId")) is None:
+                    # Exchange takes the item's InternetMessageId from the MIME header
+                    etree.SubElement(stored, q(T, "InternetMessageId")).text = str(
+                        header["Message-ID"]).strip()
                 item = Item(self._new_id(), target_folder, stored, mime=mime)
                 box.items[item.id] = item
                 self._log(box, target_folder, "Create", item.id)

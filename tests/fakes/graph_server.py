@@ -7,18 +7,24 @@ identity platform references (see ``tests/fixtures/graph/*.json``, each naming i
   ``invalid_client`` with ``AADSTS7000215``, an unknown app ``unauthorized_client`` with
   ``AADSTS700016``; tokens are JWT-shaped with the app's ``roles`` and can be expired;
 * mail folders, ``messages/delta`` (nextLink/deltaLink, ``Prefer: odata.maxpagesize``),
-  ``messages/{id}/$value``, ``sendMail`` (base64 MIME), PATCH, move and DELETE;
+  ``messages/{id}/$value``, ``sendMail`` (base64 MIME; the Sent Items copy carries the MIME's
+  Message-ID as ``internetMessageId``), ``mailFolders/{id}/messages?$filter=internetMessageId
+  eq '…'``, PATCH, move and DELETE;
 * ``calendar``, ``calendarView/delta``, ``events``; ``contacts`` and ``contacts/delta``;
   ``todo/lists`` and ``todo/lists/{id}/tasks(/delta)``; ETags with ``If-Match`` (412);
 * ``/subscriptions`` create, renew (PATCH) and delete, with the 4230-minute limit;
 * errors: 401 ``InvalidAuthenticationToken``, 403 ``ErrorAccessDenied`` (role missing),
-  404 ``MailboxNotEnabledForRESTAPI`` and ``ErrorInvalidUser``, 429 with ``Retry-After``.
+  404 ``MailboxNotEnabledForRESTAPI`` and ``ErrorInvalidUser``, 429 with ``Retry-After``,
+  400 ``ErrorInvalidRecipients`` from ``sendMail``.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import email.parser
+import email.policy
+import email.utils
 import itertools
 import json
 import threading
@@ -71,6 +77,9 @@ class GraphServer:
         self.users: dict[str, User] = {}
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client id, expiry)
         self.throttle: list[float] = []  # Retry-After values for the next API requests
+        # the same, for the next requests whose path ends with a name (e.g. "sendMail")
+        self.throttle_for: dict[str, list[float]] = {}
+        self.invalid_recipients: set[str] = set()  # sendMail to these: ErrorInvalidRecipients
         self.token_lifetime = 3600
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.sent: list[tuple[str, bytes]] = []
@@ -162,8 +171,9 @@ class GraphServer:
             app = self._bearer(request)
             if isinstance(app, Reply):
                 return app
-            if self.throttle:
-                wait = self.throttle.pop(0)
+            named = self.throttle_for.get(path.rpartition("/")[2])
+            if self.throttle or named:
+                wait = (named or self.throttle).pop(0)
                 return _json(429, _err("ApplicationThrottled", "Application is over its "
                                        "MailboxConcurrency limit."),
                              {"Retry-After": str(int(wait) if wait == int(wait) else wait)})
@@ -249,6 +259,16 @@ class GraphServer:
             if len(parts) == 2:
                 return _json(200, {"id": folder, "displayName": folder.capitalize(),
                                    "totalItemCount": len(user.collection(folder).items)})
+            if parts[2:] == ["messages"] and method == "GET":
+                field_name, _, value = params.get("$filter", "").partition(" eq ")
+                if field_name != "internetMessageId" or len(value) < 2 or \
+                        not value.startswith("'") or not value.endswith("'"):
+                    return _json(400, _err("BadRequest", "only $filter=internetMessageId eq "
+                                                         "'…' is implemented by the fake"))
+                wanted = value[1:-1].replace("''", "'")
+                found = [_message_view(i) for i in user.collection(folder).items.values()
+                         if i.get("internetMessageId") == wanted]
+                return _json(200, {"value": found})
             if parts[2:] == ["messages", "delta"]:
                 return self._delta(request, user.collection(folder), params, _message_view)
         if head == "sendMail" and method == "POST":
@@ -258,8 +278,20 @@ class GraphServer:
             if request.headers.get("content-type", "").split(";")[0] != "text/plain":
                 return _json(400, _err("ErrorMimeContentInvalid", "expected base64 MIME"))
             mime = base64.b64decode(request.body)
+            header = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+                mime)
+            listed = {a.lower() for _, a in email.utils.getaddresses(
+                [str(v) for f in ("To", "Cc", "Bcc") for v in header.get_all(f) or []])}
+            if listed & self.invalid_recipients:
+                return _json(400, _err("ErrorInvalidRecipients",
+                                       "At least one recipient is not valid., Recipient '"
+                                       f"{sorted(listed & self.invalid_recipients)[0]}' is not "
+                                       "resolved. All recipients must be resolved before a "
+                                       "message can be submitted."))
             self.sent.append((user.address, mime))
-            item = self.put(user.address, "sentitems", {"subject": "", "isDraft": False})
+            item = self.put(user.address, "sentitems", {
+                "subject": str(header["Subject"] or ""), "isDraft": False,
+                "internetMessageId": str(header["Message-ID"] or "").strip()})
             user.mime[item["id"]] = mime
             return Reply(202)
         if head == "messages" and len(parts) >= 2:

@@ -421,6 +421,16 @@ class EwsMailbox:
                 raise result
         await self._run(work)
 
+    async def sent_contains(self, message_id: str) -> bool:
+        """FindItem in Sent Items restricted to one Internet Message-ID (IsEqualTo).
+
+        The outgoing job's proof that an interrupted send went out: SendAndSaveCopy files
+        the copy there only once the server accepted the message.
+        """
+        def work() -> bool:
+            return bool(self._folder("sentitems").filter(message_id=message_id).exists())
+        return await self._run(work)
+
     # ------------------------------------------------------------ appointments, contacts, tasks
 
     async def get_items(self, name: FolderName, item_ids: Sequence[str],

@@ -206,8 +206,13 @@ class GraphClient:
     async def request(self, method: str, path: str, *, role: str = "", expect: Sequence[int] = (200,),
                       json_body: Any = None, content: bytes | None = None,
                       params: Mapping[str, str] | None = None,
-                      headers: Mapping[str, str] | None = None) -> httpx.Response:
-        """One Graph call with token refresh, Retry-After handling and error mapping."""
+                      headers: Mapping[str, str] | None = None,
+                      retry_on: Sequence[int] = (429, 503, 504)) -> httpx.Response:
+        """One Graph call with token refresh, Retry-After handling and error mapping.
+
+        ``retry_on``: the statuses that mean "not done, try later". A request that must not
+        run twice leaves out 504 (the gateway gave up waiting; the backend may have done it).
+        """
         assert self._http is not None, "use GraphClient as an async context manager"
         url = self._url(path)
         refreshed = False
@@ -230,7 +235,7 @@ class GraphClient:
                 refreshed = True
                 await self.access_token(force=True)
                 continue
-            if status in (429, 503, 504):
+            if status in retry_on:
                 wait = retry_after(response)
                 attempts += 1
                 if wait is not None and wait <= self.max_wait and attempts <= 3:
@@ -332,7 +337,17 @@ class GraphClient:
         if not save_copy:
             raise ConfigError("save_copy", "Graph's MIME sendMail always saves to Sent Items")
         await self.request("POST", "/sendMail", role=ROLE_MAIL_SEND, expect=(202,),
-                           content=base64.b64encode(mime), headers={"Content-Type": "text/plain"})
+                           content=base64.b64encode(mime), headers={"Content-Type": "text/plain"},
+                           retry_on=(429, 503))  # a 504 may have sent it: never retried here
+
+    async def sent_contains(self, internet_message_id: str) -> bool:
+        """Whether Sent Items holds a message with this Message-ID (``$filter`` on
+        ``internetMessageId``): the outgoing job's proof that an interrupted send went out."""
+        quoted = internet_message_id.replace("'", "''")
+        response = await self.request(
+            "GET", "/mailFolders/sentitems/messages", role=ROLE_MAIL_READ,
+            params={"$filter": f"internetMessageId eq '{quoted}'", "$select": "id", "$top": "1"})
+        return bool(response.json().get("value"))
 
     async def flag(self, message_id: str) -> None:
         await self.request("PATCH", f"/messages/{urllib.parse.quote(message_id)}",

@@ -349,6 +349,10 @@ class OutgoingService:
             login = rules.login_for(profile, mailbox, Channel.OUTGOING)
         except RuleViolation as exc:
             raise PermanentError(exc.message, fix=exc.fix, code=exc.code) from exc
+        if profile.kind in (ServerKind.EXCHANGE, ServerKind.EXCHANGE_ONLINE):
+            # EWS CreateItem / Graph sendMail, same journal: services/outgoing_exchange.py
+            from serversync.services.outgoing_exchange import ExchangeRun
+            return await ExchangeRun(self, mailbox, profile, login).execute()
         endpoint = profile.outgoing or (profile.incoming if profile.kind is ServerKind.GMAIL
                                         else None)
         if endpoint is None:
