@@ -16,9 +16,9 @@ it must not be sent again blindly). Postfix refuses a foreign sender at RCPT, no
 FROM (``smtpd_delay_reject``), so RCPT replies are classified too.
 
 Pipelining (RFC 2920): aiosmtplib does not pipeline, and its protocol object keeps only one
-pending reply, so writing MAIL, RCPT and DATA at once would lose replies. Round trips are
-hidden instead by running up to the profile's maximum concurrent connections side by side,
-each session reused for many messages (see `serversync.services.outgoing`).
+pending reply, so writing MAIL, RCPT and DATA at once would lose replies. The send pipeline
+therefore submits through `connectors.smtppipeline` (same errors, one round trip for the
+envelope); this module serves the probe, XOAUTH2 (Gmail) sessions and other callers.
 """
 
 from __future__ import annotations
@@ -145,25 +145,30 @@ async def authenticate(client: aiosmtplib.SMTP, endpoint: Endpoint, login: Login
         else:
             await client.login(login.user, secret)
     except aiosmtplib.SMTPAuthenticationError as exc:
-        where = f"{endpoint.host}:{endpoint.port}"
-        if 400 <= exc.code < 500:
-            raise TransientError(f"SMTP login at {where} deferred ({exc.code} {exc.message})",
-                                 code="server-busy") from None
-        if login.mode is AccessMode.IMPERSONATION:
-            raise AuthError(
-                f"SMTP at {where}: service account could not authenticate as {login.target} "
-                f"({exc.code} {exc.message})",
-                fix="check the service account's password and that the server lets it act "
-                    "for users (SASL authorization / master user)",
-                code="impersonation-refused") from None
-        raise AuthError(f"SMTP at {where}: login of {login.user} was rejected "
-                        f"({exc.code} {exc.message})",
-                        fix="update the credentials used for outgoing mail",
-                        code="auth-failed") from None
+        raise auth_error(exc.code, exc.message, f"{endpoint.host}:{endpoint.port}",
+                         login) from None
     except aiosmtplib.SMTPException as exc:
         raise PermanentError(f"SMTP at {endpoint.host}: cannot authenticate ({exc})",
                              fix="the server offers no usable AUTH mechanism; enable AUTH "
                                  "PLAIN or LOGIN over TLS", code="auth-unavailable") from None
+
+
+def auth_error(code: int, message: str, where: str, login: Login) -> SyncError:
+    """What a refused AUTH means: busy (4xx), or credentials / impersonation to fix."""
+    if 400 <= code < 500:
+        return TransientError(f"SMTP login at {where} deferred ({code} {message})",
+                              code="server-busy")
+    if login.mode is AccessMode.IMPERSONATION:
+        return AuthError(
+            f"SMTP at {where}: service account could not authenticate as {login.target} "
+            f"({code} {message})",
+            fix="check the service account's password and that the server lets it act "
+                "for users (SASL authorization / master user)",
+            code="impersonation-refused")
+    return AuthError(f"SMTP at {where}: login of {login.user} was rejected "
+                     f"({code} {message})",
+                     fix="update the credentials used for outgoing mail",
+                     code="auth-failed")
 
 
 async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Login,
@@ -245,7 +250,7 @@ async def _reset(client: aiosmtplib.SMTP) -> None:
             client.close()
 
 
-def _lost(what: str, exc: BaseException) -> TransientError:
+def lost(what: str, exc: BaseException) -> TransientError:
     return TransientError(f"SMTP connection lost during {what} ({type(exc).__name__}: {exc})",
                           fix="retried automatically; check the server if it persists",
                           code="connection-lost")
@@ -281,7 +286,7 @@ async def submit(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str]
         raise MessageRefused(f"the server refused sender {sender} ({text})",
                              reply_code=exc.code) from None
     except _BROKEN as exc:
-        raise _lost("MAIL FROM", exc) from None
+        raise lost("MAIL FROM", exc) from None
 
     accepted: dict[str, tuple[int, str]] = {}
     refused: dict[str, tuple[int, str]] = {}
@@ -296,7 +301,7 @@ async def submit(client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str]
                 raise error from None
             refused[recipient] = (exc.code, exc.message)
         except _BROKEN as exc:
-            raise _lost("RCPT TO", exc) from None
+            raise lost("RCPT TO", exc) from None
     if not accepted:
         await _reset(client)
         reasons = "; ".join(f"{r}: {c} {m}" for r, (c, m) in refused.items())

@@ -20,31 +20,34 @@ Pure: standard library only.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import email.errors
 import email.header
-import email.policy
 import email.utils
 import hashlib
 import html.parser
 import re
+import urllib.parse
 from dataclasses import dataclass
-from email.message import EmailMessage
 
-from serversync.core.email import EmailActivity, Role
+from serversync.core.email import Attachment, EmailActivity, Role
 from serversync.core.errors import ItemError
 from serversync.core.outgoing import Priority
 from serversync.core.tokens import add_token
 
 # Bodies travel 8bit when the server offers 8BITMIME (RFC 6152; SMTPUTF8 implies it), else
-# quoted-printable/base64. The top-level headers are encoded here with the stdlib's encoders
-# (`email.utils.formataddr`, `email.header.Header`) and stored with ``set_raw``: letting the
-# policy parse and refold every header cost more than the whole SMTP transaction
-# (docs/benchmarks.md), and the result is the same RFC 2047 text.
-_POLICY_7BIT = email.policy.SMTP.clone(cte_type="7bit", refold_source="none")
-_POLICY_8BIT = email.policy.SMTP.clone(cte_type="8bit", refold_source="none")
-_POLICY_UTF8 = email.policy.SMTPUTF8.clone(refold_source="none")
+# base64. Headers are encoded with the stdlib's encoders (`email.utils.formataddr`,
+# `email.header.Header`, RFC 2047) and the MIME structure is written directly as bytes:
+# `EmailMessage` parsed and refolded every header and part header through its policy, which
+# cost ~0.8 ms of CPU per message, the largest single cost of sending (docs/benchmarks.md);
+# writing it here costs a tenth of that. The output is checked by parsing it back with the
+# stdlib parser in tests/unit/test_outgoing_compose.py.
 _MAX_LINE = 998  # RFC 5322 §2.1.1, in octets without CRLF
+_NEWLINES = re.compile(r"\r\n|\r|\n")
+_BAD_HEADER = re.compile(r"[\r\n\0]")
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+$")  # RFC 2045 token, for type and subtype
+_PARAM_SEGMENT = 60  # characters per RFC 2231 continuation segment
 USER_AGENT = "serversync"
 _FOLD = 76
 
@@ -172,6 +175,72 @@ def _cte(text: str, eightbit: bool) -> str:
     return "base64"
 
 
+def _text_part(text: str, subtype: str, eightbit: bool) -> bytes:
+    """A text/* part in UTF-8 with CRLF line ends (RFC 2046 §4.1.1 canonical form)."""
+    text = _NEWLINES.sub("\r\n", text)
+    if not text.endswith("\r\n"):
+        text += "\r\n"
+    cte = _cte(text, eightbit)
+    data = text.encode("utf-8")
+    if cte == "base64":
+        data = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return (f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+            f"Content-Transfer-Encoding: {cte}\r\n\r\n").encode("ascii") + data
+
+
+def _filename(name: str) -> str:
+    """The ``filename`` parameter: quoted when short ASCII, else RFC 2231 (continued)."""
+    if not name:
+        return ""
+    if name.isascii() and name.isprintable() and len(name) <= _PARAM_SEGMENT:
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'; filename="{quoted}"'
+    encoded = urllib.parse.quote(name.encode("utf-8"), safe="!#$&+^`|")
+    if len(encoded) <= _PARAM_SEGMENT:
+        return f";\r\n filename*=utf-8''{encoded}"
+    segments: list[str] = []
+    while encoded:  # never split a %XX escape
+        cut = _PARAM_SEGMENT
+        while "%" in encoded[max(0, cut - 2):cut]:
+            cut -= 1
+        segments.append(encoded[:cut])
+        encoded = encoded[cut:]
+    charset = "utf-8''"
+    return "".join(f";\r\n filename*{i}*={charset if i == 0 else ''}{segment}"
+                   for i, segment in enumerate(segments))
+
+
+def _file_part(att: Attachment, disposition: str, content_id: str | None,
+               activity_id: int | None) -> bytes:
+    """An attachment or inline part, base64 (RFC 2045 §6.8) with its file name."""
+    if att.content is None:
+        raise ComposeError(
+            f"attachment {att.name!r} of email activity {activity_id} has no content "
+            f"({att.notice or 'not stored'})", fix="attach the file again")
+    maintype, _, subtype = att.content_type.partition("/")
+    if maintype.lower() in ("multipart", "message") or not (
+            _TOKEN.match(maintype) and _TOKEN.match(subtype)):
+        # a container type cannot hold opaque bytes (and a malformed type is not sent)
+        maintype, subtype = "application", "octet-stream"
+    head = (f"Content-Type: {maintype}/{subtype}\r\n"
+            f"Content-Disposition: {disposition}{_filename(att.name)}\r\n"
+            "Content-Transfer-Encoding: base64\r\n")
+    if content_id:
+        if _BAD_HEADER.search(content_id):
+            raise ComposeError(f"the Content-ID of {att.name!r} contains a line break")
+        head += f"Content-ID: {content_id}\r\n"
+    return (head + "\r\n").encode("utf-8") + base64.encodebytes(att.content).replace(
+        b"\n", b"\r\n")
+
+
+def _multipart(subtype: str, boundary: str, parts: list[bytes]) -> bytes:
+    """multipart/* (RFC 2046 §5.1): each delimiter is CRLF ``--boundary``."""
+    dash = b"--" + boundary.encode("ascii")
+    return (f'Content-Type: multipart/{subtype};\r\n boundary="{boundary}"\r\n\r\n'
+            .encode("ascii") + dash + b"\r\n" + (b"\r\n" + dash + b"\r\n").join(parts)
+            + b"\r\n" + dash + b"--\r\n")
+
+
 def _boundary(message_id: str, kind: str) -> str:
     """A boundary derived from the Message-ID: rebuilding gives identical bytes.
 
@@ -238,71 +307,57 @@ def _compose(activity: EmailActivity, *, date: dt.datetime, smtputf8_offered: bo
             seen.add(envelope.lower())
             recipients.append(envelope)
 
-    policy = _POLICY_UTF8 if utf8 else _POLICY_8BIT if eightbit_offered else _POLICY_7BIT
-    msg = EmailMessage(policy=policy)
     message_id = activity.message_id
+    headers: list[tuple[str, str]] = []
     sender_name = next((r.name for r in activity.recipients if r.role is Role.FROM), "")
-    msg.set_raw("From", _header_address(sender_name, activity.sender, utf8))
+    headers.append(("From", _header_address(sender_name, activity.sender, utf8)))
     if on_behalf_of and on_behalf_of.lower() != activity.sender.lower():
-        msg.set_raw("Sender", _header_address("", on_behalf_of, utf8))
+        headers.append(("Sender", _header_address("", on_behalf_of, utf8)))
     for role, header in ((Role.TO, "To"), (Role.CC, "Cc"), (Role.REPLY_TO, "Reply-To")):
         listed = [_header_address(r.name, r.address, utf8) for r in activity.recipients
                   if r.role is role and r.address not in unreachable]
         if listed:
-            msg.set_raw(header, _address_list(listed))
+            headers.append((header, _address_list(listed)))
     subject = activity.subject
     if activity.tracking_token:
         subject = add_token(subject, activity.tracking_token)
-    msg.set_raw("Subject", _text_header("Subject", subject, utf8))
-    msg.set_raw("Date", email.utils.format_datetime(date.astimezone(dt.UTC)))
-    msg.set_raw("Message-ID", message_id)
+    headers.append(("Subject", _text_header("Subject", subject, utf8)))
+    headers.append(("Date", email.utils.format_datetime(date.astimezone(dt.UTC))))
+    headers.append(("Message-ID", message_id))
     if activity.in_reply_to:
-        msg.set_raw("In-Reply-To", activity.in_reply_to)
+        headers.append(("In-Reply-To", activity.in_reply_to))
         references = list(activity.references) or [activity.in_reply_to]
-        msg.set_raw("References", "\r\n ".join(references))
+        headers.append(("References", "\r\n ".join(references)))
     if priority is Priority.HIGH:
-        msg.set_raw("X-Priority", "1 (Highest)")
-        msg.set_raw("Importance", "high")
+        headers += [("X-Priority", "1 (Highest)"), ("Importance", "high")]
     elif priority is Priority.LOW:
-        msg.set_raw("X-Priority", "5 (Lowest)")
-        msg.set_raw("Importance", "low")
-    msg.set_raw("User-Agent", USER_AGENT)
+        headers += [("X-Priority", "5 (Lowest)"), ("Importance", "low")]
+    headers.append(("User-Agent", USER_AGENT))
+    for name, value in headers:
+        if _BAD_HEADER.search(value.replace("\r\n ", "")):
+            raise ComposeError(f"the {name} header of email activity {activity.id} contains "
+                               "a line break", fix="remove line breaks from names and subject")
 
     text = activity.body_text
     if not text and activity.body_html:
         text = text_from_html(activity.body_html)
     eightbit = utf8 or eightbit_offered
-    text = text or "\n"
-    msg.set_content(text, cte=_cte(text, eightbit))
+    body = _text_part(text or "\n", "plain", eightbit)
     inline = [a for a in activity.attachments if a.content_id and activity.body_html]
     files = [a for a in activity.attachments if a not in inline]
     if activity.body_html:
-        msg.make_alternative(_boundary(message_id, "alt"))
-        msg.add_alternative(activity.body_html, subtype="html",
-                            cte=_cte(activity.body_html, eightbit))
-        html_part = msg.get_body(("html",))
-        assert isinstance(html_part, EmailMessage)
+        html_part = _text_part(activity.body_html, "html", eightbit)
         if inline:
-            html_part.make_related(_boundary(message_id, "rel"))
-        for att in inline:
-            maintype, _, subtype = att.content_type.partition("/")
-            html_part.add_related(att.content or b"", maintype=maintype,
-                                  subtype=subtype or "octet-stream", filename=att.name,
-                                  disposition="inline", cid=f"<{att.content_id.strip('<>')}>"
-                                  if att.content_id else None)
+            html_part = _multipart("related", _boundary(message_id, "rel"), [html_part, *(
+                _file_part(a, "inline", f"<{a.content_id.strip('<>')}>" if a.content_id
+                           else None, activity.id) for a in inline)])
+        body = _multipart("alternative", _boundary(message_id, "alt"), [body, html_part])
     if files:
-        msg.make_mixed(_boundary(message_id, "mix"))
-    for att in files:
-        if att.content is None:
-            raise ComposeError(
-                f"attachment {att.name!r} of email activity {activity.id} has no content "
-                f"({att.notice or 'not stored'})", fix="attach the file again")
-        maintype, _, subtype = att.content_type.partition("/")
-        if maintype in ("multipart", "message") or not subtype:
-            # a container type cannot hold opaque bytes: send it as a plain file
-            maintype, subtype = "application", "octet-stream"
-        msg.add_attachment(att.content, maintype=maintype, subtype=subtype, filename=att.name)
-    raw = msg.as_bytes(policy=policy)
+        body = _multipart("mixed", _boundary(message_id, "mix"),
+                          [body, *(_file_part(a, "attachment", None, activity.id)
+                                   for a in files)])
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers) + "MIME-Version: 1.0\r\n"
+    raw = head.encode("utf-8") + body
 
     bcc = [_header_address(r.name, r.address, utf8) for r in activity.recipients
            if r.role is Role.BCC and r.address not in unreachable]

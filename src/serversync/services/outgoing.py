@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from serversync.connectors import gmail, smtp
+from serversync.connectors import gmail, smtp, smtppipeline
 from serversync.connectors.net import ConnectOptions, tls_context
 from serversync.connectors.sentfolder import SentFolder
 from serversync.core import rules
@@ -121,6 +121,8 @@ CRASH_ENV = "SERVERSYNC_TEST_CRASH_OUTGOING"
 CRASH_EXIT = 86
 BATCH_SIZE = 500
 MAX_SESSIONS = 4  # per run; more gave no gain on a 2-core host (docs/benchmarks.md)
+COPY_SESSIONS = 3  # IMAP connections appending Sent copies side by side (docs/outgoing.md)
+COPY_BATCH = 32  # copies per MULTIAPPEND: large batches were slower on Dovecot
 
 
 def _crash_point(name: str) -> None:
@@ -159,6 +161,7 @@ class _Item:
     claimed: Claimed
     activity: EmailActivity
     built: Composed | ComposeError | None = None  # built ahead, for capabilities `offers`
+    taken: bool = False  # a session has started sending it
     offers: tuple[bool, bool] = (False, False)  # (SMTPUTF8, 8BITMIME) it was built for
 
 
@@ -392,9 +395,13 @@ class _Run:
         self.sent_folder: SentFolder | None = None
         self.sent_folder_error: SyncError | None = None
         self._copies: list[tuple[_Item, Composed, Finish]] = []
-        self._copy_task: asyncio.Task[None] | None = None
+        self._copy_tasks: list[asyncio.Task[None]] = []
+        self._copy_slots: dict[int, asyncio.Task[None]] = {}
+        self._extra_folders: dict[int, SentFolder] = {}
         self.on_behalf_of = login.user if login.mode is AccessMode.DELEGATION else None
         self._tls_context: ssl.SSLContext | None = None
+        self._opening: asyncio.Task[SentFolder | None] | None = None
+        self._folder_lock = asyncio.Lock()
 
     def _tls(self) -> ssl.SSLContext | None:
         """One verifying TLS context for every session of the run."""
@@ -423,6 +430,9 @@ class _Run:
                 activities = await EmailStore(repo.session).get_many(
                     [c.email_id for c in claimed], with_content=True)
             self.queue.extend(_Item(c, activities[c.email_id]) for c in claimed)
+            if self.copies_possible and any(c.save_to_sent for c in claimed):
+                # log in to IMAP while SMTP connects: the first copies need it at once
+                self._opening = asyncio.create_task(self._open_sent_folder())
             if self.queue:
                 sessions = max(1, min(self.service.max_sessions,
                                       self.profile.max_concurrent_connections, len(self.queue)))
@@ -431,9 +441,13 @@ class _Run:
             await self._settle_untried()
             await self.journal.drain()
         finally:
+            if self._opening is not None:
+                await asyncio.gather(self._opening, return_exceptions=True)
             await self.journal.store.close()
             if self.sent_folder is not None:
                 await self.sent_folder.close()
+            for folder in self._extra_folders.values():
+                await folder.close()
         if self.fatal is not None:
             raise self.fatal
         if self.connect_error is not None and not self.connected:
@@ -475,17 +489,14 @@ class _Run:
             if self.fatal is not None or self.connect_error is not None:
                 return
         async with self.gate:
-            client: aiosmtplib.SMTP | None = None
+            client: _Client | None = None
+            upcoming: tuple[_Item, asyncio.Future[None]] | None = None
             try:
-                while self.queue and self.fatal is None and loop.time() < self.deadline:
+                while (upcoming or self.queue) and self.fatal is None \
+                        and loop.time() < self.deadline:
                     if client is None:
                         try:
-                            client = await smtp.connect(
-                                self.endpoint, self.login, self.options,
-                                local_hostname=self.service._ehlo_name, context=self._tls(),
-                                authenticator=gmail.smtp_authenticator(
-                                    self.profile, self.login, self.options)
-                                if self.profile.kind is ServerKind.GMAIL else None)
+                            client = await self._connect()
                             self.connected = True
                         except PermanentError as exc:
                             self.fatal = exc
@@ -496,9 +507,18 @@ class _Run:
                         if first:
                             self._build_ahead(client)
                         continue  # the queue may have drained while connecting
-                    item = self.queue.popleft()
+                    mark: asyncio.Future[None] | None = None
+                    if upcoming is not None:
+                        (item, mark), upcoming = upcoming, None
+                    else:
+                        item = self.queue.popleft()
+                    if self.proven.is_set() and self.queue:
+                        # journal this session's next email while this one is on the wire:
+                        # its mark is then durable before its own DATA without a wait
+                        following = self.queue.popleft()
+                        upcoming = (following, self._premark(following))
                     try:
-                        keep = await self._send_one(client, item)
+                        keep = await self._send_one(client, item, mark)
                     except Exception as exc:  # a bug must not strand the batch in Sending
                         log.exception("sending email activity %s failed unexpectedly",
                                       item.claimed.email_id)
@@ -509,18 +529,45 @@ class _Run:
                         keep = False
                     self.proven.set()
                     if not keep:
-                        await smtp.close(client)
+                        await _close(client)
                         client = None
             finally:
                 self.proven.set()  # never leave the other sessions waiting
+                if upcoming is not None:  # marked but never sent: back for another session
+                    self.queue.appendleft(upcoming[0])
                 if client is not None:
-                    await smtp.close(client)
+                    await _close(client)
 
-    async def _send_one(self, client: aiosmtplib.SMTP, item: _Item) -> bool:
-        """Send one email; record its outcome. False when the session must be replaced."""
+    def _premark(self, item: _Item) -> asyncio.Future[None]:
+        future = asyncio.ensure_future(self.journal.submitting(item.claimed.email_id))
+        # a failed mark is reported where it is awaited (before that email's DATA), or
+        # by `_Journal.drain`; consume it here so an unused one is not logged as lost
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
+
+    async def _connect(self) -> _Client:
+        """A pipelining submission session; aiosmtplib for XOAUTH2 (Gmail) logins."""
+        assert self.service._ehlo_name is not None
+        if self.profile.kind is ServerKind.GMAIL:
+            return await smtp.connect(
+                self.endpoint, self.login, self.options, local_hostname=self.service._ehlo_name,
+                context=self._tls(),
+                authenticator=gmail.smtp_authenticator(self.profile, self.login, self.options))
+        return await smtppipeline.connect(self.endpoint, self.login, self.options,
+                                          local_hostname=self.service._ehlo_name,
+                                          context=self._tls())
+
+    async def _send_one(self, client: _Client, item: _Item,
+                        premark: asyncio.Future[None] | None = None) -> bool:
+        """Send one email; record its outcome. False when the session must be replaced.
+
+        ``premark`` is this email's "submitting" mark, started while the session's previous
+        email was being sent; without it the mark is written as the envelope goes out.
+        """
         now = self.clock()
         claimed, activity = item.claimed, item.activity
-        offers = (smtp.offers_smtputf8(client), smtp.offers_8bitmime(client))
+        item.taken = True
+        offers = _offers(client)
         try:
             if item.built is not None and item.offers == offers:
                 if isinstance(item.built, ComposeError):
@@ -546,12 +593,20 @@ class _Run:
             return True
 
         async def mark() -> None:
-            await self.journal.submitting(claimed.email_id)
+            if premark is not None:
+                await premark
+            else:
+                await self.journal.submitting(claimed.email_id)
 
         try:
-            submission = await smtp.submit(client, sender, composed.recipients, composed.raw,
-                                           smtputf8=composed.smtputf8,
-                                           eightbit=composed.eightbit, before_data=mark)
+            if isinstance(client, smtppipeline.SubmissionClient):
+                submission = await client.submit(
+                    sender, composed.recipients, composed.raw, smtputf8=composed.smtputf8,
+                    eightbit=composed.eightbit, before_data=mark)
+            else:
+                submission = await smtp.submit(
+                    client, sender, composed.recipients, composed.raw,
+                    smtputf8=composed.smtputf8, eightbit=composed.eightbit, before_data=mark)
         except smtp.MessageRefused as exc:
             self._fail(item, exc, (*_results(exc.refused), *unreachable))
             return client.is_connected
@@ -581,22 +636,23 @@ class _Run:
             recipients=results, accepted_at=now, smtp_reply=submission.reply,
             content_hash=hashlib.sha256(composed.raw).hexdigest())
         if claimed.save_to_sent and self.copies_possible:
-            self._copies.append((item, composed, outcome))
-            if self._copy_task is None or self._copy_task.done():
-                self._copy_task = asyncio.create_task(self._copy_loop())
+            self._queue_copy((item, composed, outcome))
         else:  # no copy wanted, or no IMAP folder to put it in (POP3 profiles)
             self._record_sent(outcome, CopyState.OFF)
         return True
 
-    def _build_ahead(self, client: aiosmtplib.SMTP) -> None:
+    def _build_ahead(self, client: _Client) -> None:
         """Build every claimed message once the first session knows the server's extensions.
 
-        Building costs about a millisecond of CPU per message. Done here, before any other
-        session has started, it no longer delays the sessions' network and journal callbacks
-        on the event loop while they send (the journal mark guards DATA).
+        Done here, before the other sessions start, building no longer runs between the
+        sessions' network and journal callbacks. Interleaving it with sending (one message
+        per loop iteration) was slower: while the event loop's thread computes, the SQLite
+        driver's thread waits for the GIL, so every journal transaction got longer.
         """
-        offers = (smtp.offers_smtputf8(client), smtp.offers_8bitmime(client))
+        offers = _offers(client)
         for item in self.queue:
+            if item.taken or item.built is not None:
+                continue
             try:
                 item.built = compose(item.activity, date=item.claimed.date_header,
                                      smtputf8_offered=offers[0], eightbit_offered=offers[1],
@@ -642,6 +698,10 @@ class _Run:
 
     async def _open_sent_folder(self) -> SentFolder | None:
         """The Sent folder, opened once per run; None when it cannot be reached."""
+        async with self._folder_lock:
+            return await self._open_sent_folder_locked()
+
+    async def _open_sent_folder_locked(self) -> SentFolder | None:
         if self.sent_folder is not None or self.sent_folder_error is not None:
             return self.sent_folder
         assert self.profile.incoming is not None
@@ -658,11 +718,53 @@ class _Run:
             log.warning("Sent folder of %s unavailable: %s", self.mailbox.address, exc.message)
         return self.sent_folder
 
-    async def _copy_loop(self) -> None:
-        """Append accepted messages to Sent in batches, then record them as Sent."""
+    def _queue_copy(self, entry: tuple[_Item, Composed, Finish]) -> None:
+        """Hand an accepted message to the copy sessions; open another when they lag."""
+        self._copies.append(entry)
+        self._copy_tasks = [t for t in self._copy_tasks if not t.done()]
+        busy = {slot for slot, task in self._copy_slots.items() if not task.done()}
+        if busy and (len(self._copies) < COPY_BATCH or self.sent_folder is None):
+            return  # a running session takes it; extra sessions only for a backlog
+        limit = max(1, min(COPY_SESSIONS, self.profile.max_concurrent_connections))
+        slot = next((n for n in range(limit) if n not in busy), None)
+        if slot is not None:
+            task = asyncio.create_task(self._copy_loop(slot))
+            self._copy_slots[slot] = task
+            self._copy_tasks.append(task)
+
+    async def _copy_folder(self, slot: int) -> SentFolder | None:
+        """Slot 0 is the run's Sent folder connection; the others open their own."""
+        if slot == 0:
+            return await self._open_sent_folder()
+        folder = self._extra_folders.get(slot)
+        if folder is None:
+            assert self.profile.incoming is not None
+            folder = SentFolder(self.profile.incoming, rules.login_for(
+                self.profile, self.mailbox, Channel.INCOMING), self.options)
+            try:
+                await folder.open()
+            except SyncError as exc:
+                await folder.close()
+                log.warning("extra Sent folder session for %s not opened: %s",
+                            self.mailbox.address, exc.message)
+                return None
+            self._extra_folders[slot] = folder
+        return folder
+
+    async def _copy_loop(self, slot: int) -> None:
+        """Append accepted messages to Sent in batches, then record them as Sent.
+
+        Up to `COPY_SESSIONS` of these run side by side, each on its own IMAP connection:
+        Dovecot appends in parallel on separate connections (one connection: ~300
+        messages/s; three: ~1,000/s on the test VM), so copies keep up with SMTP.
+        """
         while self._copies:
-            batch, self._copies = self._copies, []
-            folder = await self._open_sent_folder()
+            batch, self._copies = self._copies[:COPY_BATCH], self._copies[COPY_BATCH:]
+            folder = await self._copy_folder(slot)
+            if folder is None and slot != 0:
+                self._copies[:0] = batch  # slot 0 takes them (or defers them to next run)
+                self._queue_restart()
+                return
             copy_state, note = CopyState.PENDING, None
             if folder is not None:
                 try:
@@ -675,7 +777,10 @@ class _Run:
                     log.warning("Sent copy for %s deferred: %s", self.mailbox.address,
                                 exc.message)
                     await folder.close()
-                    self.sent_folder = None
+                    if slot == 0:
+                        self.sent_folder = None
+                    else:
+                        self._extra_folders.pop(slot, None)
             _crash_point("after-sent-copy")
             for _, _, outcome in batch:
                 if note:
@@ -683,9 +788,26 @@ class _Run:
                         outcome, error="; ".join(e for e in (outcome.error, note) if e))
                 self._record_sent(outcome, copy_state)
 
+    def _queue_restart(self) -> None:
+        """Copies left by a session that gave up: slot 0 takes them if it is not running."""
+        task = self._copy_slots.get(0)
+        if self._copies and (task is None or task.done()):
+            self._copy_slots[0] = asyncio.create_task(self._copy_loop(0))
+            self._copy_tasks.append(self._copy_slots[0])
+
     async def _finish_copies(self) -> None:
-        while self._copy_task is not None and not self._copy_task.done():
-            await self._copy_task
+        while True:
+            tasks = [t for t in self._copy_tasks if not t.done()]
+            if tasks:
+                await asyncio.gather(*tasks)
+                continue
+            if not self._copies:
+                break
+            self._queue_restart()
+        self._copy_tasks.clear()
+        for folder in self._extra_folders.values():
+            await folder.close()
+        self._extra_folders.clear()
 
     # ------------------------------------------------------------ recovery
 
@@ -766,6 +888,22 @@ class _Run:
                 break
         async with self.db.transaction() as repo:
             await OutgoingStore(repo.session).set_copy(done, self.clock())
+
+
+# The send pipeline's SMTP session: our pipelining client, or aiosmtplib for XOAUTH2 (Gmail).
+_Client = aiosmtplib.SMTP | smtppipeline.SubmissionClient
+
+
+def _offers(client: _Client) -> tuple[bool, bool]:
+    """(SMTPUTF8, 8BITMIME) as this session's server offers them."""
+    return client.supports_extension("smtputf8"), client.supports_extension("8bitmime")
+
+
+async def _close(client: _Client) -> None:
+    if isinstance(client, smtppipeline.SubmissionClient):
+        await client.close()
+    else:
+        await smtp.close(client)
 
 
 def _results(refused: dict[str, tuple[int, str]]) -> tuple[RecipientResult, ...]:

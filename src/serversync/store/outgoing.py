@@ -263,7 +263,11 @@ class OutgoingStore:
         await write_journal(await self.session.connection(), email_ids, (), now)
 
     async def release(self, email_ids: Sequence[int], now: dt.datetime) -> None:
-        """Put claimed-but-untried emails back to Pending Send; the attempt did not happen."""
+        """Put claimed-but-untried emails back to Pending Send; the attempt did not happen.
+
+        Only for emails the caller knows never reached DATA: those still ``claimed``, or
+        marked ``submitting`` ahead by the live run that holds them and then not sent.
+        """
         if not email_ids:
             return
         ids = list(email_ids)
@@ -272,8 +276,8 @@ class OutgoingStore:
                                    EmailRow.status == EmailStatus.SENDING.value)
             .values(status=EmailStatus.PENDING_SEND.value))
         await self.session.execute(
-            update(OutgoingRow).where(OutgoingRow.email_id.in_(ids),
-                                      OutgoingRow.phase == Phase.CLAIMED.value)
+            update(OutgoingRow).where(OutgoingRow.email_id.in_(ids), OutgoingRow.phase.in_(
+                (Phase.CLAIMED.value, Phase.SUBMITTING.value)))
             .values(attempts=OutgoingRow.attempts - 1, phase=Phase.QUEUED.value,
                     lease_until=None, lease_owner=None, updated_at=now))
 
