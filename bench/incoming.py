@@ -5,7 +5,8 @@ Steps (each one its own process, so wall time and peak RSS are the step's own):
   raw        imaplib ``UID FETCH a:b (UID BODY.PEEK[])`` in batches of 500, parses nothing
   sqlite     serversync initial sync (IncomingJob) into a fresh SQLite database
   postgres   the same into a fresh PostgreSQL database
-  poll       no-change poll: the incoming job on the synced SQLite database, 20 times
+  poll       no-change poll: the incoming job on the synced SQLite database, 20 times, on
+             the IMAP session kept between runs (warm) and with a new login per run (cold)
   mbsync / offlineimap / getmail   the peers (Debian packages, installed here with apt-get
              when missing), each copying the INBOX to a fresh Maildir, run as uid 65534
              (getmail refuses to deliver as root; shared/reference/peer-bench.md §9)
@@ -147,11 +148,16 @@ async def _sync(url: str, key: bytes) -> dict[str, Any]:
     return {"seconds": seconds, "messages": summary.items, "detail": summary.detail}
 
 
-async def _poll(url: str, key: bytes) -> dict[str, Any]:
+async def _poll(url: str, key: bytes, kept: bool) -> dict[str, Any]:
+    """Median of 20 no-change runs of the incoming job; ``kept``: on the IMAP session kept
+    between runs (`connectors.imapsessions`, as ``serve`` and ``worker`` do), else each run
+    connects, logs in and out."""
     from serversync import wiring
+    from serversync.connectors.imapsessions import SessionCache
     from serversync.services.incoming import IncomingJob
     db = await _configure(url, key)
-    job = IncomingJob(db, wiring.INCOMING_SOURCES)
+    sessions: SessionCache[Any] | None = SessionCache() if kept else None
+    job = IncomingJob(db, wiring.INCOMING_SOURCES, sessions=sessions)
     await job(USER)  # warm-up (the database was synced by the sqlite step)
     times = []
     for _ in range(20):
@@ -159,8 +165,11 @@ async def _poll(url: str, key: bytes) -> dict[str, Any]:
         summary = await job(USER)
         times.append(time.perf_counter() - t0)
         assert summary.items == 0, summary
+    logins = sessions.logins if sessions else 21
+    await job.aclose()
     await db.close()
-    return {"seconds": statistics.median(times), "min": min(times), "messages": 0}
+    return {"seconds": statistics.median(times), "min": min(times), "messages": 0,
+            "logins": logins}
 
 
 def child(step: str, arg: str, key: str) -> None:
@@ -169,8 +178,8 @@ def child(step: str, arg: str, key: str) -> None:
         result = step_raw()
     elif step == "sync":
         result = asyncio.run(_sync(arg, raw_key))
-    elif step == "poll":
-        result = asyncio.run(_poll(arg, raw_key))
+    elif step in ("poll", "poll-cold"):
+        result = asyncio.run(_poll(arg, raw_key, kept=step == "poll"))
     else:
         raise SystemExit(f"unknown step {step}")
     # VmHWM: this process's own peak RSS (reset at exec, unlike wait4's ru_maxrss)
@@ -285,7 +294,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-incoming-"))
     sqlite_url = f"sqlite:///{work}/serversync.db"
     results["serversync → SQLite"] = run_child("sync", sqlite_url, key)
-    results["no-change poll (median of 20)"] = run_child("poll", sqlite_url, key)
+    results["no-change poll, kept session (median of 20)"] = run_child("poll", sqlite_url, key)
+    results["no-change poll, new login (median of 20)"] = run_child("poll-cold", sqlite_url,
+                                                                     key)
     import psycopg
     name = f"bench_incoming_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
@@ -325,8 +336,11 @@ def main() -> None:
     print(f"RESULT incoming_raw_limit {raw['messages'] / raw['seconds']:.0f} msg/s")
     print(f"RESULT incoming_initial_sqlite {sqlite['messages'] / sqlite['seconds']:.0f} msg/s")
     print(f"RESULT incoming_initial_postgres {pg['messages'] / pg['seconds']:.0f} msg/s")
-    print(f"RESULT incoming_nochange_poll "
-          f"{results['no-change poll (median of 20)']['seconds'] * 1000:.2f} ms")
+    warm = results["no-change poll, kept session (median of 20)"]
+    cold = results["no-change poll, new login (median of 20)"]
+    print(f"(kept-session poll: {warm['logins']} login(s) for 21 runs)")
+    print(f"RESULT incoming_nochange_poll {warm['seconds'] * 1000:.2f} ms")
+    print(f"RESULT incoming_nochange_poll_cold {cold['seconds'] * 1000:.2f} ms")
     for peer in ("mbsync", "offlineimap", "getmail"):
         r = results.get(f"{peer} → Maildir (peer)")
         if r:

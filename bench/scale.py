@@ -10,7 +10,10 @@ Steps:
 
 1. **serve (SQLite, one process)**: initial sync of every mailbox, then
    * one *no-change poll cycle*: every incoming channel made due at once, time until all have
-     run again (the scheduler's caps: 100 runs at once, profile cap 100);
+     run again (100 runs at once; IMAP sessions kept between runs, as ``serve`` does: with
+     the mailboxes' own credentials the profile's connection cap counts per mailbox); then
+     the same cycle after the kept sessions were closed
+     (every run logs in: the cold figure);
      baseline: the same no-change sync of 20 mailboxes run one after another, scaled to N;
    * *push*: IMAP IDLE on every mailbox (`runtime.push`); memory per idle mailbox is this
      process's RSS growth after all watchers are connected, divided by N;
@@ -200,7 +203,8 @@ async def serve_step() -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     settings = Settings(database_url=f"sqlite:///{workdir / 'scale.db'}",
                         key_file=workdir / "key")
-    services = await wiring.services(settings)
+    services = await wiring.services(settings, keep_sessions=True)  # as `serve` does
+    job: Any = services.jobs[Channel.INCOMING]
     result: dict[str, Any] = {}
     try:
         await configure(services)
@@ -217,11 +221,20 @@ async def serve_step() -> dict[str, Any]:
             await runner.run(address, Channel.INCOMING)
         result["sequential_cycle_s"] = (time.perf_counter() - start) / 20 * N
         await make_all_due(services)
+        logins_before = job.sessions.logins
         start = time.perf_counter()
         runs = await scheduler.run_until_idle(limit_s=600)
         result["cycle_s"] = time.perf_counter() - start
         result["cycle_runs"] = len(runs)
         result["cycle_failed"] = sum(1 for r in runs if r.error)
+        result["cycle_logins"] = job.sessions.logins - logins_before
+        # The same cycle without kept sessions (each run connects, logs in and out).
+        await job.sessions.close()
+        await make_all_due(services)
+        start = time.perf_counter()
+        runs = await scheduler.run_until_idle(limit_s=600)
+        result["cold_cycle_s"] = time.perf_counter() - start
+        result["cold_cycle_failed"] = sum(1 for r in runs if r.error)
         # Push: every mailbox IDLE; memory per idle mailbox.
         before = rss_kib()
         push = Push(services, wiring.PUSHERS, runlog.request_sync, rescan_s=3600,
@@ -243,6 +256,7 @@ async def serve_step() -> dict[str, Any]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     finally:
+        await job.aclose()
         await services.db.close()
     return result
 
@@ -317,6 +331,7 @@ def main() -> None:
     base_p50 = p(serve["baseline"], 50)
     rows = [
         ("no-change cycle, serve/SQLite (s)", serve["cycle_s"], serve["sequential_cycle_s"]),
+        ("same, no kept sessions (s)", serve["cold_cycle_s"], serve["sequential_cycle_s"]),
         ("no-change cycle, 2 workers/PG (s)", workers["cycle_s"], serve["sequential_cycle_s"]),
         ("delivery→tracked p50, serve (s)", p(serve["latencies"], 50), base_p50),
         ("delivery→tracked p99, serve (s)", p(serve["latencies"], 99), base_p50),
@@ -330,7 +345,8 @@ def main() -> None:
     print(f"initial sync: serve {serve['initial_s']:.1f} s ({serve['initial_failed']} failed), "
           f"workers {workers['initial_s']:.1f} s; IDLE connected {serve['push_ready']}/{N} in "
           f"{serve['push_connect_s']:.1f} s; cycle runs {serve['cycle_runs']} "
-          f"({serve['cycle_failed']} failed); worker failed runs {workers['failed_runs']}")
+          f"({serve['cycle_failed']} failed, {serve['cycle_logins']} new logins; cold cycle "
+          f"{serve['cold_cycle_failed']} failed); worker failed runs {workers['failed_runs']}")
     print("baselines: cycle = 20 sequential no-change syncs scaled to N; latency = Postfix → "
           "Dovecot delivery alone (p50); memory = the 1 MiB target")
     print(f"{'measure':<40} {'value':>10} {'baseline':>10} {'ratio':>8}")
@@ -339,6 +355,7 @@ def main() -> None:
     print(f"tracked: serve {len(serve['latencies'])}/{MESSAGES}, "
           f"workers {len(workers['latencies'])}/{MESSAGES}")
     print(f"RESULT scale_cycle_serve {serve['cycle_s']:.2f} s")
+    print(f"RESULT scale_cycle_serve_cold {serve['cold_cycle_s']:.2f} s")
     print(f"RESULT scale_cycle_workers {workers['cycle_s']:.2f} s")
     print(f"RESULT scale_push_p50_serve {p(serve['latencies'], 50):.3f} s")
     print(f"RESULT scale_push_p99_serve {p(serve['latencies'], 99):.3f} s")

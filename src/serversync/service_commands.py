@@ -53,7 +53,7 @@ def web_app_factory(target: str = WEB_APP) -> Any:
 
 async def serve_async(settings: Settings, options: local.ServeOptions, *, web: bool,
                       sync: bool = True) -> None:
-    services = await wiring.services(settings)
+    services = await wiring.services(settings, keep_sessions=sync)
     try:
         factory = web_app_factory() if web else None
         runtime = local.build(services, options=options, pushers=wiring.PUSHERS,
@@ -107,7 +107,10 @@ def register(app: typer.Typer, run: Any, fail: Any, out: Any) -> None:
         settings = Settings.from_env()
 
         async def main() -> None:
-            services = await wiring.services(settings)
+            # every running job may hold a connection (plus the push rescans): a pool
+            # smaller than the concurrency made jobs queue for connections (bench-scale)
+            services = await wiring.services(settings, keep_sessions=True,
+                                             pool_size=concurrency + 5, max_overflow=10)
             try:
                 await Worker(services, settings.database_url,
                              options=WorkerOptions(concurrency=concurrency, push=not no_push,

@@ -6,6 +6,8 @@ tests import it; nothing else does.
 
 from __future__ import annotations
 
+from typing import Any
+
 from serversync.config import Settings
 from serversync.connectors import (
     alertmail,
@@ -20,6 +22,7 @@ from serversync.connectors import (
     pop3,
     smtp,
 )
+from serversync.connectors.imapsessions import SessionCache
 from serversync.core.model import Alert, Channel, Profile, ServerKind
 from serversync.services import ProberRegistry, Services, connect_options
 from serversync.services.act import ActJob, StoreFactory
@@ -64,14 +67,21 @@ async def mail_alert(profile: Profile, alert: Alert) -> None:
     await alertmail.send(profile, alert, connect_options(profile))
 
 
-def database(settings: Settings) -> Database:
-    return Database(settings.database_url, load_keyring(settings.secret_keys, settings.key_file))
+def database(settings: Settings, **engine_args: Any) -> Database:
+    return Database(settings.database_url, load_keyring(settings.secret_keys, settings.key_file),
+                    **engine_args)
 
 
-async def services(settings: Settings, *, migrate: bool = True) -> Services:
-    db = database(settings)
+async def services(settings: Settings, *, migrate: bool = True, keep_sessions: bool = False,
+                   **engine_args: Any) -> Services:
+    """Everything wired. ``keep_sessions``: long-running processes (``serve``, ``worker``)
+    keep IMAP sessions logged in between runs (`connectors.imapsessions`); ``engine_args``
+    go to SQLAlchemy (a worker sizes its pool to its concurrency)."""
+    db = database(settings, **engine_args)
     if migrate:
         await db.migrate()
-    return Services(db, PROBERS, jobs={Channel.INCOMING: IncomingJob(db, INCOMING_SOURCES),
+    sessions: SessionCache[Any] | None = SessionCache() if keep_sessions else None
+    incoming = IncomingJob(db, INCOMING_SOURCES, sessions=sessions)
+    return Services(db, PROBERS, jobs={Channel.INCOMING: incoming,
                                          Channel.OUTGOING: OutgoingService(db),
                                          Channel.ACT: ActJob(db, ACT_STORES)})

@@ -214,6 +214,7 @@ class ImapSource:
         self.client = ImapClient(profile.incoming, options)
         self.condstore = False
         self._names: dict[str, str] = {}
+        self._status: dict[str, FolderState] = {}  # from resolve_folder, used once by fetch
         self._selected: str | None = None
         self._lock = asyncio.Lock()
 
@@ -227,6 +228,22 @@ class ImapSource:
     async def close(self) -> None:
         await self.client.logout()
 
+    # `connectors.imapsessions.Reusable`: kept logged in between runs
+
+    def usable(self) -> bool:
+        return self.client.usable()
+
+    async def recycle(self) -> bool:
+        """Leave the selected folder and forget per-run state; the login stays."""
+        self._names.clear()
+        self._status.clear()
+        if self._selected is not None:
+            if "UNSELECT" not in self.client.capabilities:  # RFC 3691
+                return False  # CLOSE could expunge: rather log in again next time
+            await self.client.command("UNSELECT")
+            self._selected = None
+        return True
+
     async def resolve_folder(self, folder: str) -> str:
         """The server's name of a configured folder (shared namespace for a delegate)."""
         if folder in self._names:
@@ -234,13 +251,20 @@ class ImapSource:
         names = (shared_folder(self.options, self.login.target, folder)
                  if self.login.mode is AccessMode.DELEGATION else [folder])
         last = ""
+        items = ("MESSAGES", "UIDNEXT", "UIDVALIDITY") + (
+            ("HIGHESTMODSEQ",) if self.condstore else ())
         for name in names:
             try:
-                await self.client.status(name, ("UIDVALIDITY",))
+                found = await self.client.status(name, items)
             except ImapNo as exc:
                 last = exc.text
                 continue
             self._names[folder] = name
+            if "UIDVALIDITY" in found and self._selected != folder:
+                # STATUS of the selected folder may lag (RFC 3501 §6.3.10): not used then
+                self._status[folder] = FolderState(
+                    found["UIDVALIDITY"], found.get("UIDNEXT"), found.get("MESSAGES", 1),
+                    found.get("HIGHESTMODSEQ"))
             return name
         raise PermanentError(
             f"folder {folder!r} of {self.mailbox.address} is not on the server any more "
@@ -290,16 +314,20 @@ class ImapSource:
 
     async def fetch(self, folder: str, cursor: FolderCursor | None, *, batch_size: int,
                     known: KnownFilter) -> AsyncGenerator[FetchBatch, None]:
+        # The no-change poll: the STATUS that resolved the folder this run already says
+        # whether anything is new, without selecting it.
+        status = self._status.pop(folder, None)
+        if status is not None and cursor is not None and _unchanged(status, cursor):
+            final = FolderCursor(status.uidvalidity, cursor.last_uid, status.highest_modseq)
+            if final != cursor:
+                yield FetchBatch(folder, [], final)
+            return
         async with self._lock:
             state = await self._select(folder)
         reset = cursor is not None and cursor.uidvalidity not in (None, state.uidvalidity)
         last = 0 if cursor is None or reset else cursor.last_uid
         final = FolderCursor(state.uidvalidity, last, state.highest_modseq)
-        if not reset and cursor is not None and (
-                (state.uidnext is not None and state.uidnext <= last + 1)
-                or (state.highest_modseq is not None
-                    and state.highest_modseq == cursor.highest_modseq)
-                or state.exists == 0):
+        if cursor is not None and _unchanged(state, cursor):
             if final != cursor:
                 yield FetchBatch(folder, [], final)
             return
@@ -393,6 +421,16 @@ class ImapSource:
             if self._selected != folder:
                 await self._select(folder)
             return await self.client.idle_once(wait)
+
+
+def _unchanged(state: FolderState, cursor: FolderCursor) -> bool:
+    """Nothing new since ``cursor``: same UIDVALIDITY, and no UID past it (or no message)."""
+    if cursor.uidvalidity not in (None, state.uidvalidity):
+        return False  # UIDVALIDITY reset: the folder is read again
+    return ((state.uidnext is not None and state.uidnext <= cursor.last_uid + 1)
+            or (state.highest_modseq is not None
+                and state.highest_modseq == cursor.highest_modseq)
+            or state.exists == 0)
 
 
 def _head(line: Sequence[Item]) -> bytes:

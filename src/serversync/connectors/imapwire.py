@@ -401,6 +401,18 @@ class ImapClient:
             if events:
                 yield events
 
+    def usable(self) -> bool:
+        """Whether a parked connection can take the next command (no I/O).
+
+        The loop keeps reading an idle connection, so a server that closed it (``* BYE``,
+        FIN) shows as EOF or as unread data; an idle authenticated session has nothing to
+        say unasked (no mailbox is selected), so any buffered byte means it is not clean.
+        """
+        if self._writer is None or self._reader is None or self._writer.is_closing():
+            return False
+        # StreamReader has no public "bytes buffered" accessor
+        return not self._reader.at_eof() and not getattr(self._reader, "_buffer", b"")
+
     async def logout(self) -> None:
         if self._writer is None:
             return

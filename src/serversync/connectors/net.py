@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import Iterator
@@ -27,8 +28,31 @@ class ConnectOptions:
     shared_namespace: str = "shared/{user}/"
 
 
+_CONTEXTS: dict[tuple[str | None, int, int], ssl.SSLContext] = {}
+
+
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """Verify certificates and host names always; add ``ca_file`` to the system trust store."""
+    """Verify certificates and host names always; add ``ca_file`` to the system trust store.
+
+    Contexts are shared per CA file (and its mtime and size, so a replaced file is read
+    again): loading the system store costs ~25 ms of CPU, which dominated every new
+    connection. A context is never changed after it is built, so sharing it is safe.
+    """
+    try:
+        stat = os.stat(ca_file) if ca_file else None
+    except OSError:
+        stat = None  # unreadable: _build_context raises the typed error
+    key = (ca_file, stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
+    context = _CONTEXTS.get(key)
+    if context is None or (ca_file and stat is None):
+        context = _build_context(ca_file)
+        if len(_CONTEXTS) > 64:  # many CA files over time: start again
+            _CONTEXTS.clear()
+        _CONTEXTS[key] = context
+    return context
+
+
+def _build_context(ca_file: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context()
     if ca_file:
         try:

@@ -87,6 +87,7 @@ class LocalRuntime:
         if self.push is not None:
             await self.push.stop()
         await self.scheduler.stop(self.options.grace_s)
+        await close_jobs(self.services)  # log out the IMAP sessions kept between runs
         if self.server is not None:
             self.server.should_exit = True
         for task in tasks:
@@ -101,6 +102,17 @@ class LocalRuntime:
             except Exception:
                 log.exception("webhook delivery failed")
             await asyncio.sleep(self.options.webhook_every_s)
+
+
+async def close_jobs(services: Services) -> None:
+    """Let channel jobs release what they keep between runs (`IncomingJob.aclose`)."""
+    for job in services.jobs.values():
+        close = getattr(job, "aclose", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception:  # shutting down: a failed logout must not stop the rest
+                log.exception("closing the %s job failed", type(job).__name__)
 
 
 def build(services: Services, *, options: ServeOptions | None = None,

@@ -45,6 +45,7 @@ from procrastinate.schema import SchemaManager
 
 from serversync.core.errors import ConfigError
 from serversync.core.model import Channel, ServerKind
+from serversync.runtime.local import close_jobs
 from serversync.runtime.push import Push, Watch
 from serversync.services import Services
 from serversync.services.runs import AlertMailer, ChannelRunner, RunLog, worker_name
@@ -240,3 +241,4 @@ class Worker:
                     with contextlib.suppress(asyncio.CancelledError):
                         await push_task
                 await self.claims.close()
+                await close_jobs(self.services)

@@ -9,8 +9,11 @@ what to fix). Item-level problems never raise: they are quarantined and counted 
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
+
+from serversync.core.model import Mailbox, OrgSettings, Profile
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,3 +26,18 @@ class RunSummary:
 
 class ChannelJob(Protocol):
     async def __call__(self, address: str) -> RunSummary: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """What the runner read in the transaction that opened the run (`services.runs`)."""
+
+    mailbox: Mailbox
+    profile: Profile
+    settings: OrgSettings
+
+
+# Set by `services.runs.ChannelRunner` around one job call, so that a job may skip reading the
+# same three rows again (a no-change poll is a handful of statements; these were three of
+# them). A job must check that ``mailbox.address`` is the one it was called for.
+current_run: ContextVar[RunContext | None] = ContextVar("serversync_current_run", default=None)

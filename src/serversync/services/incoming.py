@@ -34,10 +34,13 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from serversync.connectors import mime
+from serversync.connectors.imapsessions import Reusable, SessionCache, identity
 from serversync.connectors.net import ConnectOptions
 from serversync.connectors.protocols import (
     Disposition,
@@ -58,6 +61,7 @@ from serversync.core.model import (
     AfterProcessing,
     Alert,
     Channel,
+    CredentialSource,
     Mailbox,
     OrgSettings,
     Party,
@@ -69,7 +73,7 @@ from serversync.core.model import (
 from serversync.core.rules import Login
 from serversync.core.tokens import find_token, make_token
 from serversync.services.admin import Clock, connect_options, utcnow
-from serversync.services.channels import RunSummary
+from serversync.services.channels import RunSummary, current_run
 from serversync.store.db import Database
 from serversync.store.incoming import (
     LINKED,
@@ -87,6 +91,7 @@ log = logging.getLogger(__name__)
 SourceFactory = Callable[[Profile, Mailbox, Login, ConnectOptions], MailSource]
 FAULT_ENV = "SERVERSYNC_FAULT"
 SMART_MATCH_DAYS = 90
+FOLDER_ALERT_RECHECK_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +128,10 @@ class _Context:
     now: dt.datetime
 
 
+def _given(source: MailSource) -> Callable[[], MailSource]:
+    return lambda: source
+
+
 def _fault(batch_number: int) -> None:
     spec = os.environ.get(FAULT_ENV, "")
     name, _, nth = spec.partition(":")
@@ -134,17 +143,31 @@ class IncomingJob:
     """The `ChannelJob` for `Channel.INCOMING` on IMAP and POP3 profiles."""
 
     def __init__(self, db: Database, sources: Mapping[ServerKind, SourceFactory], *,
-                 options: IncomingOptions = IncomingOptions(), clock: Clock = utcnow) -> None:
+                 options: IncomingOptions = IncomingOptions(), clock: Clock = utcnow,
+                 sessions: SessionCache[Any] | None = None) -> None:
         self.db = db
         self.sources = sources
         self.options = options
         self.clock = clock
+        # logged-in sessions kept between runs (connectors.imapsessions); None: one per run
+        self.sessions = sessions
+        # mailbox id → (a folder-missing alert may be open, when that was last known)
+        self._folder_alerts: dict[int, tuple[bool, float]] = {}
+
+    async def aclose(self) -> None:
+        """Log out the kept sessions (the runtime calls this on shutdown)."""
+        if self.sessions is not None:
+            await self.sessions.close()
 
     async def __call__(self, address: str) -> RunSummary:
-        async with self.db.transaction() as repo:
-            mailbox = await repo.get_mailbox(address)
-            profile = await repo.get_profile(mailbox.profile)
-            settings = await repo.get_settings()
+        known = current_run.get()  # what the runner just read, if it runs us
+        if known is not None and known.mailbox.address == address.strip().lower():
+            mailbox, profile, settings = known.mailbox, known.profile, known.settings
+        else:
+            async with self.db.transaction() as repo:
+                mailbox = await repo.get_mailbox(address)
+                profile = await repo.get_profile(mailbox.profile)
+                settings = await repo.get_settings()
         factory = self.sources.get(profile.kind)
         if factory is None:
             raise RuleViolation(f"incoming sync of {profile.kind.value} mailboxes is not "
@@ -155,12 +178,53 @@ class IncomingJob:
                                 code="not-enabled")
         rules.check_approved(settings, mailbox)
         login = rules.login_for(profile, mailbox, Channel.INCOMING)
-        source = factory(profile, mailbox, login, connect_options(profile))
+        options = connect_options(profile)
+        source = factory(profile, mailbox, login, options)
+        if self.sessions is not None and isinstance(source, Reusable):
+            return await self._run_kept(factory, source, mailbox, profile, settings, login,
+                                        options)
         try:
             await source.open()
             return await self._run(source, mailbox, profile, settings)
         finally:
             await source.close()
+
+    async def _run_kept(self, factory: SourceFactory, source: MailSource, mailbox: Mailbox,
+                        profile: Profile, settings: OrgSettings, login: Login,
+                        options: ConnectOptions) -> RunSummary:
+        """Run on the mailbox's kept session; if that session fails, once more on a new one.
+
+        A kept session may have died since its last run (server restart, idle logout, a
+        kick); the run is idempotent (item links, cursor per batch), so running it again on
+        a fresh login neither loses nor duplicates mail. Permanent errors are not retried.
+        """
+        sessions = self.sessions
+        assert sessions is not None
+        key = identity(profile, mailbox.username, mailbox.allow_credentials, mailbox.folders,
+                       mailbox.after_processing, mailbox.after_processing_folder,
+                       mailbox.track_sent, login, login.secret.reveal() if login.secret else
+                       None, options)
+        # the cap counts per mailbox with the mailbox's own credentials, per profile with
+        # the profile's (dynamics-sss.md §2, Maximum Concurrent Connections)
+        group = f"mailbox:{mailbox.address}" if profile.credential_source is \
+            CredentialSource.MAILBOX else f"profile:{profile.name}"
+        cap = max(1, profile.max_concurrent_connections)
+        for attempt in (1, 2):
+            fresh = source if attempt == 1 else factory(profile, mailbox, login, options)
+            lease = await sessions.acquire(mailbox.address, key, group, cap, _given(fresh))
+            healthy = False
+            try:
+                result = await self._run(lease.source, mailbox, profile, settings)
+                healthy = True
+                return result
+            except Exception as exc:
+                if not lease.reused or isinstance(exc, PermanentError | RuleViolation):
+                    raise
+                log.info("kept IMAP session of %s failed (%s); running again on a new login",
+                         mailbox.address, type(exc).__name__)
+            finally:
+                await sessions.release(lease, healthy=healthy)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     # ------------------------------------------------------------ one run
 
@@ -182,6 +246,7 @@ class IncomingJob:
                 if exc.code != "folder-missing":
                     raise
                 missing.append(exc)
+                self._folder_alerts[mailbox.id] = (True, time.monotonic())
                 await self._alert(mailbox, profile, Severity.ERROR, exc.code, exc.message,
                                   exc.fix)
                 continue
@@ -189,14 +254,30 @@ class IncomingJob:
                                totals)
         if missing and len(missing) == len(folders):
             raise missing[0]
-        if not missing:
+        if not missing and await self._may_have_folder_alert(mailbox):
             async with self.db.transaction() as repo:
                 await IncomingStore(repo.session).resolve_alerts(mailbox.id, "folder-missing")
+            self._folder_alerts[mailbox.id] = (False, time.monotonic())
         detail = (f"{totals['items']} tracked, {totals['linked']} linked, "
                   f"{totals['skipped']} not tracked, {totals['failures']} quarantined")
         if missing:
             detail += f"; {len(missing)} folder(s) missing"
         return RunSummary(totals["items"], totals["failures"] + len(missing), False, detail)
+
+    async def _may_have_folder_alert(self, mailbox: Mailbox) -> bool:
+        """Whether a folder-missing alert may be open (then a run that found every folder
+        resolves it). Known in this process after the first look, so that a no-change run
+        writes nothing and reads no alerts; looked at again every ten minutes, since another
+        worker may have raised one."""
+        assert mailbox.id is not None
+        seen = self._folder_alerts.get(mailbox.id)
+        if seen is not None and time.monotonic() - seen[1] < FOLDER_ALERT_RECHECK_S:
+            return seen[0]
+        async with self.db.transaction() as repo:
+            open_ = any(a.code == "folder-missing"
+                        for a in await repo.list_alerts(mailbox=mailbox.address))
+        self._folder_alerts[mailbox.id] = (open_, time.monotonic())
+        return open_
 
     async def _alert(self, mailbox: Mailbox, profile: Profile, severity: Severity, code: str,
                      message: str, fix: str) -> None:

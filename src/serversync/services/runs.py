@@ -30,6 +30,7 @@ from serversync.core.model import (
     ApprovalStatus,
     Channel,
     ChannelStatus,
+    Mailbox,
     Profile,
     Severity,
     SyncMethod,
@@ -49,7 +50,7 @@ from serversync.core.schedule import (
 )
 from serversync.core.webhooks import Event
 from serversync.services.admin import Clock, Services, utcnow
-from serversync.services.channels import RunSummary
+from serversync.services.channels import RunContext, RunSummary, current_run
 from serversync.services.webhooks import emit
 from serversync.store.db import Database
 from serversync.store.runs import DueChannel, RunStore
@@ -245,12 +246,13 @@ class ChannelRunner:
             run_id = await store.start_run(mailbox.address, channel, started, self.worker)
         summary: RunSummary | None = None
         failure: Failure | None = None
+        token = current_run.set(RunContext(mailbox, profile, settings))
         try:
             summary = await self.services.run_channel(mailbox.address, channel)
         except asyncio.CancelledError:
             # Shutdown or a lost lease: the job's open transaction rolled back; say so.
             await asyncio.shield(self._finish(
-                run_id, mailbox.address, channel, profile, None,
+                run_id, mailbox, channel, profile, None,
                 Failure(Outcome.TRANSIENT, "interrupted",
                         "the run was stopped before it finished (shutdown); its uncommitted "
                         "batch rolled back and is synced again")))
@@ -259,10 +261,15 @@ class ChannelRunner:
             failure = classify(exc)
             log.warning("%s sync of %s failed: %s", channel.value, mailbox.address,
                         failure.message)
-        return await self._finish(run_id, mailbox.address, channel, profile, summary, failure)
+        finally:
+            current_run.reset(token)
+        return await self._finish(run_id, mailbox, channel, profile, summary, failure)
 
-    async def _finish(self, run_id: int, address: str, channel: Channel, profile: Profile,
+    async def _finish(self, run_id: int, mailbox: Mailbox, channel: Channel, profile: Profile,
                       summary: RunSummary | None, failure: Failure | None) -> Run:
+        """Record the outcome. ``mailbox`` as read when the run started: its channel status
+        is this channel's own (only runs change it), so it is not read again."""
+        address = mailbox.address
         now = self.clock()
         polling = Polling(min_s=float(profile.min_polling_interval_s),
                           idle_max_s=max(self.idle_max_s, float(profile.min_polling_interval_s)))
@@ -270,10 +277,10 @@ class ChannelRunner:
         items = summary.items if summary else 0
         async with self.db.transaction() as repo:
             store = RunStore(repo.session)
-            mailbox = await repo.find_mailbox(address)
-            if mailbox is None:  # deleted while it ran: nothing left to record against
-                raise NotFound(f"mailbox {address} was deleted during its sync run")
-            state = await store.state(address, channel)
+            try:
+                state = await store.state(address, channel)
+            except NotFound:  # deleted while it ran: nothing left to record against
+                raise NotFound(f"mailbox {address} was deleted during its sync run") from None
             decision = after_run(state, now, items=items, more=bool(summary and summary.more),
                                  failure=failure, polling=polling, backoff=self.backoff,
                                  rng=self.rng, push=push)
@@ -283,7 +290,8 @@ class ChannelRunner:
                 outcome=failure.outcome if failure else Outcome.SUCCESS,
                 error_code=failure.code if failure else None,
                 error=failure.message if failure else None,
-                detail=summary.detail if summary else (failure.fix if failure else ""))
+                detail=summary.detail if summary else (failure.fix if failure else ""),
+                address=address)
             if failure is not None:
                 await emit(repo, Event.RUN_FAILED, {
                     "run": run.id, "mailbox": address, "profile": profile.name,

@@ -118,18 +118,31 @@ class RunStore:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        # Within one transaction a mailbox's id and its schedule row do not change: a run's
+        # bookkeeping asks for them several times, and every statement counts when 1,000
+        # mailboxes are polled in a cycle.
+        self._ids: dict[str, int] = {}
+        self._rows: dict[tuple[int, str], ChannelScheduleRow] = {}
 
     async def _mailbox_id(self, address: str) -> int:
-        found = await self.session.scalar(
-            select(MailboxRow.id).where(MailboxRow.address == address.strip().lower()))
+        key = address.strip().lower()
+        if key in self._ids:
+            return self._ids[key]
+        found = await self.session.scalar(select(MailboxRow.id).where(MailboxRow.address == key))
         if found is None:
             raise NotFound(f"no mailbox {address!r}", fix="list them with: serversync mailbox list")
+        self._ids[key] = int(found)
         return int(found)
 
     async def _row(self, mailbox_id: int, channel: Channel) -> ChannelScheduleRow | None:
+        cached = self._rows.get((mailbox_id, channel.value))
+        if cached is not None:
+            return cached
         row: ChannelScheduleRow | None = await self.session.scalar(
             select(ChannelScheduleRow).where(ChannelScheduleRow.mailbox_id == mailbox_id,
                                              ChannelScheduleRow.channel == channel.value))
+        if row is not None:
+            self._rows[(mailbox_id, channel.value)] = row
         return row
 
     async def _row_or_new(self, mailbox_id: int, channel: Channel) -> ChannelScheduleRow:
@@ -138,6 +151,7 @@ class RunStore:
             row = ChannelScheduleRow(mailbox_id=mailbox_id, channel=channel.value,
                                      consecutive_failures=0, idle_runs=0, why="")
             self.session.add(row)
+            self._rows[(mailbox_id, channel.value)] = row
         return row
 
     # ------------------------------------------------------------ schedule state
@@ -166,17 +180,20 @@ class RunStore:
                         worker: str = "") -> int:
         """Open a run. Runs of this channel still open were interrupted (a killed worker)."""
         mailbox_id = await self._mailbox_id(address)
-        await self.session.execute(
-            update(SyncRunRow)
-            .where(SyncRunRow.mailbox_id == mailbox_id, SyncRunRow.channel == channel.value,
-                   SyncRunRow.outcome.is_(None))
-            .values(outcome=Outcome.TRANSIENT.value, finished_at=now, error_code="interrupted",
-                    error="the run was interrupted (the process stopped or was killed); "
-                          "its uncommitted batch was rolled back and is synced again"))
+        schedule = await self._row_or_new(mailbox_id, channel)
+        # an open run leaves ``running_since`` set; without one there is nothing to close
+        if schedule.running_since is not None or schedule.id is None:
+            await self.session.execute(
+                update(SyncRunRow)
+                .where(SyncRunRow.mailbox_id == mailbox_id, SyncRunRow.channel == channel.value,
+                       SyncRunRow.outcome.is_(None))
+                .values(outcome=Outcome.TRANSIENT.value, finished_at=now,
+                        error_code="interrupted",
+                        error="the run was interrupted (the process stopped or was killed); "
+                              "its uncommitted batch was rolled back and is synced again"))
         row = SyncRunRow(mailbox_id=mailbox_id, channel=channel.value, started_at=now,
                          items=0, failures=0, detail="", worker=worker[:100])
         self.session.add(row)
-        schedule = await self._row_or_new(mailbox_id, channel)
         schedule.running_since = now
         # A request made before this run started is served by it.
         if schedule.requested_at is not None and utc(schedule.requested_at) <= now:  # type: ignore[operator]
@@ -186,21 +203,27 @@ class RunStore:
 
     async def finish_run(self, run_id: int, now: dt.datetime, *, items: int, failures: int,
                          outcome: Outcome, error_code: str | None = None,
-                         error: str | None = None, detail: str = "") -> Run:
+                         error: str | None = None, detail: str = "",
+                         address: str | None = None) -> Run:
         row = await self.session.get(SyncRunRow, run_id)
         if row is None:
             raise NotFound(f"no sync run {run_id}")
         row.finished_at, row.items, row.failures = now, items, failures
         row.outcome, row.error_code, row.error = outcome.value, error_code, error
         row.detail = detail[:2000]
-        await self.session.execute(
-            update(ChannelScheduleRow)
-            .where(ChannelScheduleRow.mailbox_id == row.mailbox_id,
-                   ChannelScheduleRow.channel == row.channel)
-            .values(running_since=None))
+        schedule = self._rows.get((row.mailbox_id, row.channel))
+        if schedule is not None:  # loaded already (the runner read the state): no UPDATE
+            schedule.running_since = None
+        else:
+            await self.session.execute(
+                update(ChannelScheduleRow)
+                .where(ChannelScheduleRow.mailbox_id == row.mailbox_id,
+                       ChannelScheduleRow.channel == row.channel)
+                .values(running_since=None))
         await self.session.flush()
-        address = await self.session.scalar(
-            select(MailboxRow.address).where(MailboxRow.id == row.mailbox_id))
+        if address is None:
+            address = await self.session.scalar(
+                select(MailboxRow.address).where(MailboxRow.id == row.mailbox_id))
         return _run(row, address or "")
 
     async def recent(self, *, mailbox: str | None = None, channel: Channel | None = None,
