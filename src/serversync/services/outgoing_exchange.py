@@ -159,7 +159,9 @@ class GraphSubmitter:
     async def open(self) -> None:
         await self.client.__aenter__()
         self._open = True
-        await self.client.folder("sentitems", role=graph.ROLE_MAIL_SEND)
+        # Sent Items is read here and by the recovery lookup: both permissions are needed
+        await self.client.folder("sentitems",
+                                 role=f"{graph.ROLE_MAIL_SEND} and {graph.ROLE_MAIL_READ}")
 
     async def send(self, mime: bytes, *, save_copy: bool) -> str:
         # A MIME sendMail always files a copy in Sent Items (`GraphClient.send_mime`).
