@@ -393,16 +393,17 @@ from serversync.store.db import Database
 
 async def main() -> None:
     db = Database(sys.argv[1], Keyring(base64.urlsafe_b64decode(sys.argv[2])))
-    await OutgoingService(db)(sys.argv[3])
+    await OutgoingService(db, max_sessions=int(sys.argv[4]))(sys.argv[3])
 
 asyncio.run(main())
 """
 
 
-def _run_child(db: Database, address: str, crash: str) -> int:
+def _run_child(db: Database, address: str, crash: str, sessions: int = 4) -> int:
     env = {**os.environ, CRASH_ENV: crash}
     proc = subprocess.run([sys.executable, "-c", _CHILD, db.url, encode_key(db.keyring.primary),
-                           address], env=env, capture_output=True, timeout=60, check=False)
+                           address, str(sessions)], env=env, capture_output=True, timeout=60,
+                          check=False)
     return proc.returncode
 
 
@@ -436,6 +437,39 @@ async def test_crash_after_sent_copy_is_recovered_as_sent(sqlite_db: Database) -
     state = await OutgoingService(sqlite_db).state(email_id)
     assert state.status is EmailStatus.SENT and state.last_error_code == "recovered"
     assert state.sent_copy is CopyState.DONE
+
+
+async def test_crash_while_the_next_email_is_journaled_ahead(db: Database) -> None:
+    """One session, three emails, killed right after the server accepted the second.
+
+    The third was journaled "submitting" while the second was on the wire (or not yet, if
+    the crash beat that commit): either way no email may reach the recipient twice, and
+    one that is Failed as "outcome unknown" was delivered at most once.
+    """
+    await add_mailbox(db, OWN, BOB)
+    service = OutgoingService(db)
+    emails = [await service.create(NewEmail(BOB, f"ahead crash {i}", to=[DAVE], text="x"))
+              for i in range(3)]
+    assert await asyncio.to_thread(_run_child, db, BOB, "after-data@2", 1) == CRASH_EXIT
+    now = dt.datetime.now(dt.UTC)
+    rerun = OutgoingService(db, clock=lambda: now + LEASE + dt.timedelta(minutes=1))
+    await rerun(BOB)
+    await rerun(BOB)
+    wait_for_message(DAVE, emails[1].message_id or "")  # accepted before the crash
+    time.sleep(0.5)
+    for created in emails:
+        state = await rerun.state(created.id or 0)
+        delivered = count(DAVE, created.message_id or "")
+        assert delivered <= 1, f"{created.subject} delivered {delivered} times"
+        assert state.status in (EmailStatus.SENT, EmailStatus.FAILED), state
+        if state.status is EmailStatus.FAILED:
+            assert state.last_error_code == "outcome-unknown"
+        else:
+            assert delivered == 1
+    assert count(DAVE, emails[1].message_id or "") == 1
+    third = await rerun.state(emails[2].id or 0)
+    if third.status is EmailStatus.FAILED:  # marked ahead, never sent: the documented cost
+        assert count(DAVE, emails[2].message_id or "") == 0
 
 
 async def test_emails_claimed_by_a_crashed_run_are_put_back_and_sent(

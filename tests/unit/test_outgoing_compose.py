@@ -212,3 +212,33 @@ def test_unexpressible_activity_is_a_compose_error() -> None:
                           Attachment("x", "application/pdf", 1, "not bytes"),))  # type: ignore[arg-type]
     with pytest.raises(ComposeError, match="cannot be built"):
         compose(broken, date=DATE, smtputf8_offered=False)
+
+
+def test_long_file_names_are_continued_and_quoted_names_escaped() -> None:
+    long_name = "Überweisungsbestätigung für die Rechnung Nummer 2025-000123 (Kopie).pdf"
+    files = (Attachment(long_name, "application/pdf", 4, b"%PDF"),
+             Attachment('say "hi".txt', "text/plain", 2, b"hi"),
+             Attachment("odd", "not a type", 1, b"x"))
+    raw = compose(activity(attachments=files), date=DATE, smtputf8_offered=False).raw
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert all(len(line) <= 78 for line in raw.split(b"\r\n") if b"filename" in line), head
+    assert b"filename*0*=utf-8''" in raw and b"filename*1*=" in raw
+    parts = list(parse(raw).iter_attachments())
+    assert [p.get_filename() for p in parts] == [long_name, 'say "hi".txt', "odd"]
+    assert parts[2].get_content_type() == "application/octet-stream"
+    assert parts[1].get_content() == "hi"
+
+
+def test_line_break_in_a_header_fails_instead_of_injecting() -> None:
+    with pytest.raises(ComposeError, match="line break"):
+        compose(activity(subject="Hello\r\nBcc: victim@example.test"), date=DATE,
+                smtputf8_offered=False)
+
+
+def test_bare_newlines_become_crlf_and_long_lines_base64() -> None:
+    built = compose(activity(body_text="a\nb\rc\r\n" + "x" * 1200 + "\n", body_html=""),
+                    date=DATE, smtputf8_offered=False, eightbit_offered=True)
+    assert b"\n" not in built.raw.replace(b"\r\n", b"")
+    assert b"Content-Transfer-Encoding: base64" in built.raw
+    text = parse(built.raw).get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert text.replace("\r\n", "\n").startswith("a\nb\nc\n" + "x" * 1200)

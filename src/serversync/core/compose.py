@@ -47,7 +47,7 @@ _MAX_LINE = 998  # RFC 5322 §2.1.1, in octets without CRLF
 _NEWLINES = re.compile(r"\r\n|\r|\n")
 _BAD_HEADER = re.compile(r"[\r\n\0]")
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+$")  # RFC 2045 token, for type and subtype
-_PARAM_SEGMENT = 60  # characters per RFC 2231 continuation segment
+_PARAM_SEGMENT = 50  # characters per RFC 2231 segment: a folded line stays under 78
 USER_AGENT = "serversync"
 _FOLD = 76
 
@@ -194,7 +194,7 @@ def _filename(name: str) -> str:
         return ""
     if name.isascii() and name.isprintable() and len(name) <= _PARAM_SEGMENT:
         quoted = name.replace("\\", "\\\\").replace('"', '\\"')
-        return f'; filename="{quoted}"'
+        return f';\r\n filename="{quoted}"'
     encoded = urllib.parse.quote(name.encode("utf-8"), safe="!#$&+^`|")
     if len(encoded) <= _PARAM_SEGMENT:
         return f";\r\n filename*=utf-8''{encoded}"

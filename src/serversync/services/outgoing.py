@@ -125,10 +125,23 @@ COPY_SESSIONS = 3  # IMAP connections appending Sent copies side by side (docs/o
 COPY_BATCH = 32  # copies per MULTIAPPEND: large batches were slower on Dovecot
 
 
+_crash_hits: collections.Counter[str] = collections.Counter()
+
+
 def _crash_point(name: str) -> None:
-    """Test hook: die here without cleanup, as a killed process would."""
-    if os.environ.get(CRASH_ENV) == name:
-        os._exit(CRASH_EXIT)
+    """Test hook: die here without cleanup, as a killed process would.
+
+    ``SERVERSYNC_TEST_CRASH_OUTGOING=after-data`` dies the first time, ``after-data@2``
+    the second time the point is reached.
+    """
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point == name:
+        _crash_hits[name] += 1
+        if _crash_hits[name] >= int(nth or 1):
+            os._exit(CRASH_EXIT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,6 +547,8 @@ class _Run:
             finally:
                 self.proven.set()  # never leave the other sessions waiting
                 if upcoming is not None:  # marked but never sent: back for another session
+                    # its mark must be written before anyone may release it to Pending Send
+                    await asyncio.gather(upcoming[1], return_exceptions=True)
                     self.queue.appendleft(upcoming[0])
                 if client is not None:
                     await _close(client)
