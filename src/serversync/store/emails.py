@@ -38,6 +38,7 @@ from serversync.core.email import (
     Role,
 )
 from serversync.core.errors import NotFound
+from serversync.store import blobfiles
 from serversync.store.tables import Base
 
 
@@ -90,13 +91,18 @@ class EmailRecipientRow(Base):
 
 
 class BlobRow(Base):
-    """Content-addressed bytes (attachments, raw messages kept for audit)."""
+    """Content-addressed bytes (attachments, raw messages kept for audit).
+
+    With a ``location`` the bytes are a file of the blob directory (`store.blobfiles`) and
+    ``content`` is empty; without one they are ``content``.
+    """
 
     __tablename__ = "blobs"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(Integer)
     content: Mapped[bytes] = mapped_column(LargeBinary)
+    location: Mapped[str | None] = mapped_column(String(80))
 
 
 class AttachmentRow(Base):
@@ -137,6 +143,8 @@ class EmailStore:
         row = await self.session.get(BlobRow, digest)
         if row is None:
             raise NotFound(f"no blob {digest}")
+        if row.location is not None:
+            return await blobfiles.read(self.session, row.location)
         return row.content
 
     async def add(self, activity: EmailActivity) -> EmailActivity:
@@ -217,8 +225,11 @@ class EmailStore:
             digests = {a.blob_sha256 for r in rows for a in r.attachments if a.blob_sha256}
             if digests:
                 found = await self.session.execute(
-                    select(BlobRow.sha256, BlobRow.content).where(BlobRow.sha256.in_(digests)))
-                contents = {digest: content for digest, content in found.all()}
+                    select(BlobRow.sha256, BlobRow.content, BlobRow.location)
+                    .where(BlobRow.sha256.in_(digests)))
+                for digest, content, location in found.all():
+                    contents[digest] = content if location is None else \
+                        await blobfiles.read(self.session, location)
         return {r.id: self._activity(r, contents) for r in rows}
 
     async def find_by_message_id(self, message_id: str) -> EmailActivity | None:

@@ -20,9 +20,9 @@ are the same ``emails`` / ``email_recipients`` / ``email_attachments`` / ``blobs
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
-import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -48,6 +48,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from serversync.core.email import EmailActivity, Regarding
 from serversync.core.tracking import KnownActivity, LoopWindow
+from serversync.store import blobfiles
 from serversync.store.emails import AttachmentRow, BlobRow, EmailRecipientRow, EmailRow
 from serversync.store.exchange import SyncTokens
 from serversync.store.tables import AlertRow, Base
@@ -137,6 +138,7 @@ class NewLink:
     email_index: int | None = None  # index into the batch's new activities ...
     email_id: int | None = None  # ... or an existing activity
     raw: bytes | None = None  # kept for audit when the settings say so
+    raw_sha256: str | None = None  # its SHA-256 when known (the parser's content hash)
 
 
 # Database column limits (PostgreSQL enforces them; SQLite does not).
@@ -297,26 +299,41 @@ class IncomingStore:
 
     # ------------------------------------------------------------ bulk writes
 
-    async def put_blobs(self, contents: Iterable[bytes]) -> dict[bytes, str]:
-        """Store each distinct content once; return content → SHA-256 (for the caller)."""
-        digests: dict[str, bytes] = {}
-        by_content: dict[bytes, str] = {}
-        for content in contents:
-            digest = hashlib.sha256(content).hexdigest()
-            digests.setdefault(digest, content)
-            by_content[content] = digest
-        if not digests:
-            return by_content
-        keys = sorted(digests)
+    async def put_blobs(self, items: Sequence[tuple[str | None, bytes]]) -> list[str]:
+        """Store each distinct content once; return the SHA-256 of every item, in order.
+
+        An item may bring its digest (the parser already hashed the raw message); the rest
+        are hashed in a worker thread (hashlib releases the GIL), off the event loop. New
+        contents go to the blob directory when there is one (`store.blobfiles`: written
+        and flushed before this transaction commits), else into the row.
+        """
+        if not items:
+            return []
+        todo = [content for known, content in items if known is None]
+        hashed = iter(await asyncio.to_thread(lambda: [blobfiles.digest(c) for c in todo])
+                      if todo else [])
+        digests = [known if known is not None else next(hashed) for known, _ in items]
+        unique: dict[str, bytes] = {}
+        for digest, (_, content) in zip(digests, items, strict=True):
+            unique.setdefault(digest, content)
+        keys = sorted(unique)
         present: set[str] = set()
         for i in range(0, len(keys), 900):
             present.update(await self.session.scalars(
                 select(BlobRow.sha256).where(BlobRow.sha256.in_(keys[i:i + 900]))))
-        missing = [{"sha256": k, "size": len(digests[k]), "content": digests[k]}
-                   for k in keys if k not in present]
-        if missing:
-            await self.session.execute(insert(_table(BlobRow)), missing)
-        return by_content
+        new = [(k, unique[k]) for k in keys if k not in present]
+        if not new:
+            return digests
+        files = blobfiles.for_session(self.session)
+        if files is None:
+            rows = [{"sha256": k, "size": len(c), "content": c, "location": None}
+                    for k, c in new]
+        else:
+            locations = await asyncio.to_thread(files.write_many, new)
+            rows = [{"sha256": k, "size": len(c), "content": b"", "location": loc}
+                    for (k, c), loc in zip(new, locations, strict=True)]
+        await self.session.execute(insert(_table(BlobRow)), rows)
+        return digests
 
     async def add_activities(self, activities: Sequence[EmailActivity]) -> list[int]:
         """Insert activities with their recipients and attachments; ids in input order."""
@@ -352,13 +369,13 @@ class IncomingStore:
                       for p, r in enumerate(a.recipients)]
         if recipients:
             await self.session.execute(insert(_table(EmailRecipientRow)), recipients)
-        contents = [att.content for a in activities for att in a.attachments
-                    if att.content is not None]
-        digests = await self.put_blobs(contents)
+        digests = iter(await self.put_blobs([(None, att.content) for a in activities
+                                             for att in a.attachments
+                                             if att.content is not None]))
         attachments = [{"email_id": i, "position": p, "name": clean(att.name) or "",
                         "content_type": clean(att.content_type, 255) or "",
                         "size": att.size, "content_id": clean(att.content_id, 998),
-                        "blob_sha256": digests[att.content] if att.content is not None else None,
+                        "blob_sha256": next(digests) if att.content is not None else None,
                         "notice": clean(att.notice) or ""}
                        for i, a in zip(ids, activities, strict=True)
                        for p, att in enumerate(a.attachments)]
@@ -372,11 +389,12 @@ class IncomingStore:
 
     async def add_links(self, mailbox_id: int, links: Sequence[NewLink], new_ids: Sequence[int],
                         now: dt.datetime) -> None:
-        raws = await self.put_blobs(link.raw for link in links if link.raw is not None)
+        raws = iter(await self.put_blobs([(link.raw_sha256, link.raw) for link in links
+                                          if link.raw is not None]))
         rows = [{"mailbox_id": mailbox_id, "folder": link.folder, "remote_id": link.remote_id,
                  "email_id": new_ids[link.email_index] if link.email_index is not None
                  else link.email_id, "outcome": link.outcome,
-                 "raw_sha256": raws[link.raw] if link.raw is not None else None,
+                 "raw_sha256": next(raws) if link.raw is not None else None,
                  "created_at": now} for link in links]
         if rows:
             await self.session.execute(insert(_table(IncomingLinkRow)), rows)
@@ -385,7 +403,7 @@ class IncomingStore:
 
     async def quarantine(self, mailbox_id: int, folder: str, remote_id: str, raw: bytes,
                          code: str, reason: str, now: dt.datetime) -> None:
-        digest = (await self.put_blobs([raw]))[raw]
+        digest = (await self.put_blobs([(None, raw)]))[0]
         await self.session.execute(insert(QuarantineRow).values(
             mailbox_id=mailbox_id, folder=folder, remote_id=remote_id, raw_sha256=digest,
             size=len(raw), code=code, reason=clean(reason) or "", created_at=now))
@@ -403,7 +421,10 @@ class IncomingStore:
 
     async def raw(self, digest: str) -> bytes:
         row = await self.session.get(BlobRow, digest)
-        return b"" if row is None else row.content
+        if row is None:
+            return b""
+        return row.content if row.location is None else \
+            await blobfiles.read(self.session, row.location)
 
     # ------------------------------------------------------------ loop guard
 

@@ -1,0 +1,154 @@
+"""Blobs in pack files (store.blobfiles) through the incoming store, on SQLite and PostgreSQL.
+
+SQLite keeps its packs beside the database file by default; PostgreSQL keeps blobs in the
+database unless ``SERVERSYNC_BLOB_DIR`` is set, so the PostgreSQL runs set it to exercise
+the same file path (and one test checks the in-database default).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from serversync.core.email import Attachment, Direction, EmailActivity, EmailStatus
+from serversync.store import blobfiles
+from serversync.store.crypto import encode_key
+from serversync.store.db import Database
+from serversync.store.emails import BlobRow, EmailStore
+from serversync.store.incoming import IncomingStore
+
+
+@pytest.fixture
+def blob_dir(db: Database, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The blob directory of ``db`` (set explicitly for PostgreSQL)."""
+    monkeypatch.delenv(blobfiles.FSYNC_ENV, raising=False)
+    if db.url.startswith("sqlite"):
+        monkeypatch.delenv(blobfiles.DIR_ENV, raising=False)
+        yield Path(db.url.split("///", 1)[1] + ".blobs")
+    else:
+        monkeypatch.setenv(blobfiles.DIR_ENV, str(tmp_path / "pg-blobs"))
+        yield tmp_path / "pg-blobs"
+
+
+async def rows(db: Database) -> list[tuple[str, int, bytes, str | None]]:
+    async with db.transaction() as repo:
+        found = await repo.session.execute(
+            select(BlobRow.sha256, BlobRow.size, BlobRow.content, BlobRow.location)
+            .order_by(BlobRow.sha256))
+        return [tuple(r) for r in found.all()]  # type: ignore[misc]
+
+
+def packs(root: Path) -> list[Path]:
+    return sorted(root.rglob("*" + blobfiles.PACK_SUFFIX))
+
+
+async def test_blobs_go_to_one_pack_per_batch_and_dedupe(db: Database, blob_dir: Path) -> None:
+    raw = b"From: a@example.test\r\n\r\nhello" * 100
+    async with db.transaction() as repo:
+        store = IncomingStore(repo.session)
+        digests = await store.put_blobs([(None, raw), (blobfiles.digest(b"x"), b"x"),
+                                         (None, raw)])
+    assert digests == [blobfiles.digest(raw), blobfiles.digest(b"x"), blobfiles.digest(raw)]
+    assert len(packs(blob_dir)) == 1
+    stored = await rows(db)
+    assert len(stored) == 2  # the same content twice in a batch: one row, one copy
+    assert all(content == b"" and location for _, _, content, location in stored)
+    async with db.transaction() as repo:  # a later batch with the same content: nothing new
+        again = await IncomingStore(repo.session).put_blobs([(None, raw)])
+        assert await IncomingStore(repo.session).raw(again[0]) == raw
+    assert len(packs(blob_dir)) == 1 and len(await rows(db)) == 2
+
+
+async def test_attachments_and_raw_read_back_through_the_stores(db: Database,
+                                                                 blob_dir: Path) -> None:
+    content = os.urandom(50_000)
+    activity = EmailActivity(Direction.INCOMING, EmailStatus.RECEIVED, "s", "a@example.test",
+                             message_id="<m1@example.test>", content_hash="h1",
+                             attachments=(Attachment("a.bin", "application/octet-stream",
+                                                     len(content), content),
+                                          Attachment("big.iso", "application/x-iso", 10**9,
+                                                     None, notice="larger than the limit")))
+    async with db.transaction() as repo:
+        [email_id] = await IncomingStore(repo.session).add_activities([activity])
+    async with db.transaction() as repo:
+        got = await EmailStore(repo.session).get(email_id, with_content=True)
+        many = await EmailStore(repo.session).get_many([email_id], with_content=True)
+    assert got.attachments[0].content == content
+    assert got.attachments[1].content is None and got.attachments[1].notice
+    assert many[email_id].attachments[0].content == content
+    assert packs(blob_dir)
+
+
+async def test_inline_blobs_still_read(db: Database, blob_dir: Path) -> None:
+    """Rows written before packs (content inline, no location) read as before."""
+    async with db.transaction() as repo:
+        digest = await EmailStore(repo.session).put_blob(b"old inline bytes")
+    async with db.transaction() as repo:
+        assert await EmailStore(repo.session).get_blob(digest) == b"old inline bytes"
+        assert await IncomingStore(repo.session).raw(digest) == b"old inline bytes"
+
+
+async def test_postgres_keeps_blobs_in_the_database_by_default(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    if db.url.startswith("sqlite"):
+        monkeypatch.setenv(blobfiles.DIR_ENV, blobfiles.IN_DATABASE)  # the opt-out
+    else:
+        monkeypatch.delenv(blobfiles.DIR_ENV, raising=False)
+    async with db.transaction() as repo:
+        [digest] = await IncomingStore(repo.session).put_blobs([(None, b"inline")])
+    assert await rows(db) == [(digest, 6, b"inline", None)]
+
+
+CRASH = """
+import asyncio, base64, os, sys
+from serversync.store.crypto import Keyring
+from serversync.store.db import Database
+from serversync.store.incoming import IncomingStore
+async def main():
+    db = Database(sys.argv[1], Keyring(base64.urlsafe_b64decode(sys.argv[2])))
+    async with db.transaction() as repo:
+        await IncomingStore(repo.session).put_blobs([(None, b"raw one"), (None, b"raw two")])
+        os._exit(86)  # the pack is written and flushed; the rows never commit
+asyncio.run(main())
+"""
+
+
+async def test_crash_between_pack_write_and_commit(db: Database, blob_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", CRASH, db.url,
+                           encode_key(db.keyring.primary)], capture_output=True, timeout=60,
+                          check=False, env=os.environ.copy())
+    assert proc.returncode == 86, proc.stderr.decode()[-2000:]
+    [orphan] = packs(blob_dir)  # written, but nothing points at it: no dangling reference
+    assert await rows(db) == []
+    # the replayed batch stores the same blobs again (a new pack) and commits the rows
+    async with db.transaction() as repo:
+        digests = await IncomingStore(repo.session).put_blobs([(None, b"raw one"),
+                                                               (None, b"raw two")])
+    assert len(packs(blob_dir)) == 2
+    async with db.transaction() as repo:
+        # a fresh orphan is left alone (its batch may still be committing) ...
+        assert await blobfiles.sweep_orphans(repo.session) == 0
+        # ... an old one is removed, the referenced pack kept
+        assert await blobfiles.sweep_orphans(repo.session, older_than=0) == 1
+    assert not orphan.exists() and len(packs(blob_dir)) == 1
+    async with db.transaction() as repo:
+        store = IncomingStore(repo.session)
+        assert [await store.raw(d) for d in digests] == [b"raw one", b"raw two"]
+        count = await repo.session.scalar(select(func.count()).select_from(BlobRow))
+    assert count == 2
+
+
+async def test_stale_temporary_pack_is_swept(db: Database, blob_dir: Path) -> None:
+    (blob_dir / "2026-01").mkdir(parents=True)
+    stale = blob_dir / "2026-01" / ("x.pack" + blobfiles.TMP_SUFFIX)
+    stale.write_bytes(b"half a pack")
+    async with db.transaction() as repo:
+        assert await blobfiles.sweep_orphans(repo.session, older_than=0) == 1
+    assert not stale.exists()
