@@ -497,7 +497,7 @@ class IncomingJob:
             if existing_id is not None or batch_index is not None:
                 plan.links.append(NewLink(ctx.folder, message.remote_id, LINKED,
                                           email_index=batch_index, email_id=existing_id,
-                                          raw=raw))
+                                          raw=raw, raw_sha256=p.content_hash))
                 plan.dispositions.append(self._done_disposition(ctx, message))
                 plan.linked += 1
                 continue
@@ -551,7 +551,8 @@ class IncomingJob:
                 plan.fixups.append((position, -known.id - 1, correlation.method.value))
             plan.activities.append(activity)
             plan.links.append(NewLink(ctx.folder, message.remote_id, TRACKED,
-                                      email_index=position, raw=raw))
+                                      email_index=position, raw=raw,
+                                      raw_sha256=p.content_hash))
             plan.dispositions.append(self._done_disposition(ctx, message))
             plan.tracked += 1
             if p.message_id:
