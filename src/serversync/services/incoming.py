@@ -73,6 +73,7 @@ from serversync.core.model import (
 from serversync.core.rules import Login
 from serversync.core.tokens import find_token, make_token
 from serversync.services.admin import Clock, connect_options, utcnow
+from serversync.services.bulkgc import relaxed_gc
 from serversync.services.channels import RunSummary, current_run
 from serversync.store.db import Database
 from serversync.store.incoming import (
@@ -250,8 +251,9 @@ class IncomingJob:
                 await self._alert(mailbox, profile, Severity.ERROR, exc.code, exc.message,
                                   exc.fix)
                 continue
-            await self._folder(source, mailbox, mailbox.id, profile, settings, folder, is_sent,
-                               totals)
+            with relaxed_gc():  # millions of short-lived objects per initial sync
+                await self._folder(source, mailbox, mailbox.id, profile, settings, folder,
+                                   is_sent, totals)
         if missing and len(missing) == len(folders):
             raise missing[0]
         if not missing and await self._may_have_folder_alert(mailbox):
