@@ -291,3 +291,21 @@ async def test_email_marked_ahead_and_not_sent_goes_back_to_pending(
     assert settle(DAVE, emails[2].message_id or "") == 1
     wait_for_message(DAVE, emails[0].message_id or "")
 
+
+
+async def test_one_run_claims_chunk_after_chunk_up_to_its_batch_size(
+        sqlite_db: Database, test_servers: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serversync.services import outgoing
+
+    monkeypatch.setattr(outgoing, "CLAIM_CHUNK", 2)
+    await add_mailbox(sqlite_db, OWN, BOB)
+    service = OutgoingService(sqlite_db, batch_size=5)
+    emails = [await service.create(NewEmail(BOB, f"chunk {i}", to=[DAVE], text="x"))
+              for i in range(7)]
+    first = await service(BOB)
+    assert (first.items, first.more) == (5, True)  # three chunks (2 + 2 + 1), same run
+    second = await service(BOB)
+    assert (second.items, second.more) == (2, False)
+    for created in emails:
+        assert (await service.state(created.id or 0)).status is EmailStatus.SENT
+    assert settle(DAVE, emails[-1].message_id or "") == 1

@@ -12,13 +12,17 @@ One run, for one mailbox:
 
 1. **Recover** what a crashed run left in *Sending* (its lease expired) — see below — and
    retry Sent-folder copies that could not be made earlier.
-2. **Claim** up to ``batch_size`` due emails (highest priority first, then oldest) in one
-   transaction: status *Sending*, attempt counted, lease taken, Date fixed.
+2. **Claim** due emails (highest priority first, then oldest) in chunks of `CLAIM_CHUNK`,
+   one transaction each: status *Sending*, attempt counted, lease taken, Date fixed. The
+   next chunk is claimed while the sessions send, up to ``batch_size`` per run.
 3. **Send** them over up to ``min(max_sessions, profile.max_concurrent_connections)`` SMTP
-   sessions side by side, each session reused for many messages. Per message, after the
-   server accepted the recipients and just before DATA, the email is journaled
-   ``submitting`` (durably: `_Journal` group-commits the marks of all sessions together).
-4. **Copy** accepted messages to the Sent folder in batches (MULTIAPPEND), then **commit**
+   sessions side by side, each session reused for many messages and pipelining each
+   envelope (`connectors.smtppipeline`). Before the first byte of a message's content, the
+   email is journaled ``submitting`` (durably: `_Journal` group-commits the marks of all
+   sessions together); each session marks its next email while the current one is on the
+   wire, so the mark is rarely waited for.
+4. **Copy** accepted messages to the Sent folder in batches (MULTIAPPEND, up to
+   `COPY_SESSIONS` IMAP connections side by side), then **commit**
    their outcome (again group-committed): *Sent* with per-recipient results, or a retry with
    backoff (4xx, broken connection before DATA: attempts and next attempt are visible), or
    *Failed* (5xx, with the server's reason; or after `MAX_ATTEMPTS`).
@@ -32,18 +36,21 @@ an impersonation scope that excludes the mailbox. Untried emails go back to *Pen
 moment — between the end of DATA and our commit — in which a crash leaves the outcome
 unknown. The mechanism:
 
-* the ``submitting`` mark is committed before DATA, so an email whose journal still says
-  ``claimed`` certainly never reached DATA and is simply put back in *Pending Send*;
+* the ``submitting`` mark is committed before the message content is sent, so an email
+  whose journal still says ``claimed`` certainly never reached DATA and is simply put back
+  in *Pending Send*;
 * the Sent-folder copy is made after the server's ``250`` and before the status commit, so
   for an email left ``submitting`` its stored Message-ID is looked up in the Sent folder: if
   the copy is there, the server accepted it and the email becomes *Sent* without resending;
 * if it is not there (the crash hit between ``250`` and the copy, or during DATA, or saving
   to Sent is off), the email is **not** resent: it becomes *Failed* with code
   ``outcome-unknown`` and a reason saying it may have been delivered. Never twice wins over
-  at least once; the window is one message per SMTP session.
+  at least once; the window is two messages per SMTP session (the one in DATA, and the next
+  one, marked ahead and not yet sent).
 
 The crash test sets ``SERVERSYNC_TEST_CRASH_OUTGOING`` to ``after-data`` (exit right after
-the server's ``250``) or ``after-sent-copy`` (after the copy, before the status commit).
+the server's ``250``; ``after-data@2``: the second time) or ``after-sent-copy`` (after the
+copy, before the status commit).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ import os
 import socket
 import ssl
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -119,7 +126,8 @@ log = logging.getLogger("serversync.outgoing")
 
 CRASH_ENV = "SERVERSYNC_TEST_CRASH_OUTGOING"
 CRASH_EXIT = 86
-BATCH_SIZE = 500
+BATCH_SIZE = 2000  # the most emails one run sends; `RunSummary.more` says when more are due
+CLAIM_CHUNK = 200  # claimed per transaction; the next chunk is claimed while sending
 MAX_SESSIONS = 4  # per run; more gave no gain on a 2-core host (docs/benchmarks.md)
 COPY_SESSIONS = 3  # IMAP connections appending Sent copies side by side (docs/outgoing.md)
 COPY_BATCH = 32  # copies per MULTIAPPEND: large batches were slower on Dovecot
@@ -414,6 +422,10 @@ class _Run:
         self.on_behalf_of = login.user if login.mode is AccessMode.DELEGATION else None
         self._tls_context: ssl.SSLContext | None = None
         self._opening: asyncio.Task[SentFolder | None] | None = None
+        self._refill: asyncio.Task[None] | None = None
+        self._offers: tuple[bool, bool] | None = None  # (SMTPUTF8, 8BITMIME) of the server
+        self.claimed_count = 0
+        self.exhausted = False  # nothing more to claim in this run
         self._folder_lock = asyncio.Lock()
 
     def _tls(self) -> ssl.SSLContext | None:
@@ -435,21 +447,16 @@ class _Run:
         self.deadline = loop.time() + self.service.lease.total_seconds() / 2
         try:
             await self._recover()
-            now = self.clock()
-            async with self.db.transaction() as repo:
-                claimed = await OutgoingStore(repo.session).claim(
-                    self.mailbox.address, now, limit=self.service.batch_size,
-                    lease=self.service.lease, owner=self.service.worker)
-                activities = await EmailStore(repo.session).get_many(
-                    [c.email_id for c in claimed], with_content=True)
-            self.queue.extend(_Item(c, activities[c.email_id]) for c in claimed)
-            if self.copies_possible and any(c.save_to_sent for c in claimed):
+            await self._claim()
+            if self.copies_possible and any(i.claimed.save_to_sent for i in self.queue):
                 # log in to IMAP while SMTP connects: the first copies need it at once
                 self._opening = asyncio.create_task(self._open_sent_folder())
             if self.queue:
                 sessions = max(1, min(self.service.max_sessions,
                                       self.profile.max_concurrent_connections, len(self.queue)))
                 await asyncio.gather(*(self._worker(first=i == 0) for i in range(sessions)))
+            if self._refill is not None:  # claimed while the sessions stopped: settle them
+                await asyncio.gather(self._refill, return_exceptions=True)
             await self._finish_copies()
             await self._settle_untried()
             await self.journal.drain()
@@ -470,6 +477,54 @@ class _Run:
                                                                self.clock()) > 0
         return RunSummary(items=self.tally.sent, failures=self.tally.failed, more=more,
                           detail=self.tally.detail())
+
+    async def _claim(self) -> None:
+        """Claim the next chunk of due email (one transaction) onto the queue.
+
+        The first chunk starts the run; later ones are claimed while the sessions send
+        (`_more`), so one run goes on with warm SMTP and IMAP connections until nothing is
+        due, ``batch_size`` emails were taken, or the run's time is up.
+        """
+        limit = min(CLAIM_CHUNK, self.service.batch_size - self.claimed_count)
+        if limit <= 0:
+            self.exhausted = True
+            return
+        async with self.db.transaction() as repo:
+            claimed = await OutgoingStore(repo.session).claim(
+                self.mailbox.address, self.clock(), limit=limit, lease=self.service.lease,
+                owner=self.service.worker)
+        # read the contents after the claim committed: on SQLite a write transaction that
+        # also loaded them held the write lock long enough to stall the journal marks
+        async with self.db.transaction() as repo:
+            activities = await EmailStore(repo.session).get_many(
+                [c.email_id for c in claimed], with_content=True)
+        self.claimed_count += len(claimed)
+        if len(claimed) < limit:
+            self.exhausted = True
+        items = [_Item(c, activities[c.email_id]) for c in claimed]
+        if self._offers is not None:
+            self._build(items, self._offers)
+        self.queue.extend(items)
+
+    def _kick_refill(self) -> None:
+        """Start claiming the next chunk in the background when the queue runs low."""
+        loop = asyncio.get_running_loop()
+        if len(self.queue) < CLAIM_CHUNK // 2 and not self.exhausted and self.fatal is None \
+                and (self._refill is None or self._refill.done()) \
+                and loop.time() < self.deadline - 1:
+            self._refill = asyncio.create_task(self._claim())
+
+    async def _more(self) -> bool:
+        """Whether there is more to send; waits for a chunk being claimed."""
+        self._kick_refill()
+        if not self.queue and self._refill is not None and not self._refill.done():
+            try:
+                await asyncio.shield(self._refill)
+            except Exception as exc:  # the store failed: stop claiming; `more` tells the rest
+                log.warning("claiming more outgoing email for %s failed: %s",
+                            self.mailbox.address, exc)
+                self.exhausted = True
+        return bool(self.queue)
 
     async def _settle_untried(self) -> None:
         """Emails claimed but never tried: back to Pending Send, or a counted retry."""
@@ -505,8 +560,8 @@ class _Run:
             client: _Client | None = None
             upcoming: tuple[_Item, asyncio.Future[None]] | None = None
             try:
-                while (upcoming or self.queue) and self.fatal is None \
-                        and loop.time() < self.deadline:
+                while (upcoming or self.queue or await self._more()) \
+                        and self.fatal is None and loop.time() < self.deadline:
                     if client is None:
                         try:
                             client = await self._connect()
@@ -525,6 +580,7 @@ class _Run:
                         (item, mark), upcoming = upcoming, None
                     else:
                         item = self.queue.popleft()
+                    self._kick_refill()
                     if self.proven.is_set() and self.queue:
                         # journal this session's next email while this one is on the wire:
                         # its mark is then durable before its own DATA without a wait
@@ -659,13 +715,17 @@ class _Run:
     def _build_ahead(self, client: _Client) -> None:
         """Build every claimed message once the first session knows the server's extensions.
 
-        Done here, before the other sessions start, building no longer runs between the
-        sessions' network and journal callbacks. Interleaving it with sending (one message
-        per loop iteration) was slower: while the event loop's thread computes, the SQLite
-        driver's thread waits for the GIL, so every journal transaction got longer.
+        Done here, before the other sessions start (and for each later chunk as it is
+        claimed), building no longer runs between the sessions' network and journal
+        callbacks. Interleaving it with sending (one message per loop iteration) was slower:
+        while the event loop's thread computes, the SQLite driver's thread waits for the
+        GIL, so every journal transaction got longer.
         """
-        offers = _offers(client)
-        for item in self.queue:
+        self._offers = _offers(client)
+        self._build(self.queue, self._offers)
+
+    def _build(self, items: Iterable[_Item], offers: tuple[bool, bool]) -> None:
+        for item in items:
             if item.taken or item.built is not None:
                 continue
             try:
