@@ -404,7 +404,9 @@ class IncomingJob:
 
     async def _store_plan(self, repo: Repository, store: IncomingStore, ctx: _Context,
                           cursor: FolderCursor, plan: _Plan) -> None:
-        ids = await store.add_activities(plan.activities)
+        # the raw copies go into the same pack as the attachments (one flush per batch)
+        ids = await store.add_activities(plan.activities, [
+            (link.raw_sha256, link.raw) for link in plan.links if link.raw is not None])
         for index, target, method in plan.fixups:
             await store.set_correlation(ids[index], ids[target], method)
         await store.add_links(ctx.mailbox_id, plan.links, ids, ctx.now)

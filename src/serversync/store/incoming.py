@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
@@ -174,6 +174,7 @@ class IncomingStore:
 
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
+        self._stored: set[str] = set()  # blobs put in this transaction (by this store)
 
     # ------------------------------------------------------------ cursors and links
 
@@ -347,37 +348,76 @@ class IncomingStore:
         contents go to the blob directory when there is one (`store.blobfiles`: written
         and flushed before this transaction commits), else into the row.
         """
-        if not items:
-            return []
+        digests, write = await self._start_blobs(items)
+        await self._finish_blobs(write)
+        return digests
+
+    async def _start_blobs(self, items: Sequence[tuple[str | None, bytes]]) -> tuple[
+            list[str], tuple[list[tuple[str, bytes]], asyncio.Future[list[str]] | None]]:
+        """Hash, find what is new, and start writing it; `_finish_blobs` adds the rows.
+
+        In between the caller may use the session (the pack is written in a worker thread);
+        contents this store already put in this transaction are skipped without a query.
+        """
         todo = [content for known, content in items if known is None]
         hashed = iter(await asyncio.to_thread(lambda: [blobfiles.digest(c) for c in todo])
                       if todo else [])
         digests = [known if known is not None else next(hashed) for known, _ in items]
         unique: dict[str, bytes] = {}
         for digest, (_, content) in zip(digests, items, strict=True):
-            unique.setdefault(digest, content)
+            if digest not in self._stored:
+                unique.setdefault(digest, content)
         keys = sorted(unique)
         present: set[str] = set()
         for i in range(0, len(keys), 900):
             present.update(await self.session.scalars(
                 select(BlobRow.sha256).where(BlobRow.sha256.in_(keys[i:i + 900]))))
+        self._stored.update(keys)
         new = [(k, unique[k]) for k in keys if k not in present]
+        files = blobfiles.for_session(self.session) if new else None
+        write = asyncio.ensure_future(asyncio.to_thread(files.write_many, new)) \
+            if files is not None else None
+        return digests, (new, write)
+
+    async def _finish_blobs(self, started: tuple[list[tuple[str, bytes]],
+                                                 asyncio.Future[list[str]] | None]) -> None:
+        new, write = started
         if not new:
-            return digests
-        files = blobfiles.for_session(self.session)
-        if files is None:
+            return
+        if write is None:
             rows = [{"sha256": k, "size": len(c), "content": c, "location": None}
                     for k, c in new]
         else:
-            locations = await asyncio.to_thread(files.write_many, new)
+            locations = await write
             rows = [{"sha256": k, "size": len(c), "content": b"", "location": loc}
                     for (k, c), loc in zip(new, locations, strict=True)]
         await self._insert_many(_table(BlobRow), rows)
-        return digests
 
-    async def add_activities(self, activities: Sequence[EmailActivity]) -> list[int]:
-        """Insert activities with their recipients and attachments; ids in input order."""
+    async def add_activities(self, activities: Sequence[EmailActivity],
+                             raws: Sequence[tuple[str | None, bytes]] = ()) -> list[int]:
+        """Insert activities with their recipients and attachments; ids in input order.
+
+        ``raws`` are the batch's raw messages (digest, bytes) to keep: stored with the
+        attachments in one pack (one flush per batch), written in a worker thread while the
+        activity rows are inserted; `add_links` then finds them stored.
+        """
+        blobs = [(None, att.content) for a in activities for att in a.attachments
+                 if att.content is not None]
+        digests, started = await self._start_blobs([*blobs, *raws])
+        try:
+            return await self._add_activities(activities, iter(digests[:len(blobs)]),
+                                              started)
+        finally:
+            write = started[1]
+            if write is not None and not write.done():  # failed before the pack was used
+                write.cancel()
+
+    async def _add_activities(self, activities: Sequence[EmailActivity],
+                              digests: Iterator[str],
+                              started: tuple[list[tuple[str, bytes]],
+                                             asyncio.Future[list[str]] | None]) -> list[int]:
         if not activities:
+            await self._finish_blobs(started)
             return []
         rows = [{
             "direction": a.direction.value, "status": a.status.value,
@@ -413,9 +453,7 @@ class IncomingStore:
                       for p, r in enumerate(a.recipients)]
         if recipients:
             await self._insert_many(_table(EmailRecipientRow), recipients)
-        digests = iter(await self.put_blobs([(None, att.content) for a in activities
-                                             for att in a.attachments
-                                             if att.content is not None]))
+        await self._finish_blobs(started)
         attachments = [{"email_id": i, "position": p, "name": clean(att.name) or "",
                         "content_type": clean(att.content_type, 255) or "",
                         "size": att.size, "content_id": clean(att.content_id, 998),
