@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from serversync.core.email import Attachment, Direction, EmailActivity, EmailStatus
 from serversync.store import blobfiles
@@ -152,3 +152,19 @@ async def test_stale_temporary_pack_is_swept(db: Database, blob_dir: Path) -> No
     async with db.transaction() as repo:
         assert await blobfiles.sweep_orphans(repo.session, older_than=0) == 1
     assert not stale.exists()
+
+
+async def test_postgres_compresses_large_values_with_lz4(db: Database) -> None:
+    if db.url.startswith("sqlite"):
+        pytest.skip("TOAST compression is PostgreSQL's")
+    async with db.transaction() as repo:
+        lz4 = await repo.session.scalar(text(
+            "SELECT 1 FROM pg_settings WHERE name = 'default_toast_compression' "
+            "AND 'lz4' = ANY(enumvals)"))
+        methods = dict((await repo.session.execute(text(
+            "SELECT c.relname || '.' || a.attname, a.attcompression FROM pg_attribute a "
+            "JOIN pg_class c ON c.oid = a.attrelid WHERE (c.relname, a.attname) IN "
+            "(('blobs', 'content'), ('emails', 'body_text'), ('emails', 'body_html'))"))).all())
+    if not lz4:
+        pytest.skip("this PostgreSQL has no lz4")
+    assert methods == {"blobs.content": "l", "emails.body_text": "l", "emails.body_html": "l"}
