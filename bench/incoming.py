@@ -145,7 +145,11 @@ async def _sync(url: str, key: bytes) -> dict[str, Any]:
     summary = await job(USER)
     seconds = time.perf_counter() - t0
     await db.close()
-    return {"seconds": seconds, "messages": summary.items, "detail": summary.detail}
+    result = {"seconds": seconds, "messages": summary.items, "detail": summary.detail}
+    if url.startswith("sqlite:///"):  # database file(s) and the blob packs beside them
+        folder = Path(url.split("///", 1)[1]).parent
+        result["disk_mb"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+    return result
 
 
 async def _poll(url: str, key: bytes, kept: bool) -> dict[str, Any]:
@@ -294,6 +298,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-incoming-"))
     sqlite_url = f"sqlite:///{work}/serversync.db"
     results["serversync → SQLite"] = run_child("sync", sqlite_url, key)
+    print(f"SQLite database + blob packs on disk: "
+          f"{results['serversync → SQLite'].get('disk_mb', 0):.0f} MB", flush=True)
     results["no-change poll, kept session (median of 20)"] = run_child("poll", sqlite_url, key)
     results["no-change poll, new login (median of 20)"] = run_child("poll-cold", sqlite_url,
                                                                      key)
