@@ -51,7 +51,8 @@ class _Lost(Exception):
 
 def data_payload(message: bytes) -> bytes:
     """The message as DATA content (RFC 5321 §4.5.2): CRLF lines, dots doubled, ``.`` end."""
-    if b"\r" in message or b"\n" in message:
+    crlf = message.count(b"\r\n")
+    if message.count(b"\r") != crlf or message.count(b"\n") != crlf:  # not CRLF throughout
         message = _LINE_END.sub(b"\r\n", message)
     if message.startswith(b".") or b"\n." in message:
         message = _DOT.sub(b"..", message)
