@@ -7,6 +7,7 @@ the same file path (and one test checks the in-database default).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -168,3 +169,35 @@ async def test_postgres_compresses_large_values_with_lz4(db: Database) -> None:
     if not lz4:
         pytest.skip("this PostgreSQL has no lz4")
     assert methods == {"blobs.content": "l", "emails.body_text": "l", "emails.body_html": "l"}
+
+
+async def test_bulk_insert_round_trips_every_column(db: Database, blob_dir: Path) -> None:
+    """The driver-level bulk paths (SQLite executemany, PostgreSQL COPY) store what the ORM
+    reads back: JSON lists, aware datetimes, NULLs, non-ASCII, recipients, attachments."""
+    import datetime as dt
+
+    from serversync.core.email import CorrelationMethod, Recipient, Regarding, Role
+
+    when = dt.datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=dt.UTC)
+    activity = EmailActivity(
+        Direction.INCOMING, EmailStatus.RECEIVED, "Grüße \t ünd 'quotes' \\ back", "a@ex.test",
+        recipients=(Recipient(Role.FROM, "a@ex.test", "Ä"),
+                    Recipient(Role.TO, "b@ex.test", "", "user", "bob")),
+        message_id="<m2@ex.test>", in_reply_to="<m0@ex.test>",
+        references=("<m0@ex.test>", "<m1@ex.test>"), conversation_id="conv",
+        tracking_token="CRM:0001", sent_at=when, received_at=when, body_text="line\nnext",
+        body_html="<p>x</p>", attachments=(Attachment("f.txt", "text/plain", 2, b"hi", "cid"),),
+        owner_kind="user", owner="bob", regarding=Regarding("account", "acme"),
+        correlation=CorrelationMethod.NONE, content_hash="h2", notices=("n1", "n2"),
+        created_at=when)
+    async with db.transaction() as repo:
+        first, second = await IncomingStore(repo.session).add_activities(
+            [activity, dataclasses.replace(activity, message_id=None, references=(),
+                                           notices=(), sent_at=None, regarding=None,
+                                           attachments=(), recipients=())])
+    async with db.transaction() as repo:
+        got = await EmailStore(repo.session).get(first, with_content=True)
+        other = await EmailStore(repo.session).get(second)
+    assert dataclasses.replace(got, id=None) == activity
+    assert other.message_id is None and other.references == () and other.sent_at is None
+    assert second != first
