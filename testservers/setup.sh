@@ -39,7 +39,12 @@ while [ "$d" != / ]; do
 done
 
 # Dovecot
+# bench/scale.py adds bench0001..bench1000 to the live users file (and Postfix's vmailbox);
+# keep them, so that a setup run (every `make bench-*`) does not log a running bench out
+bench_users=$(grep -hE '^bench[0-9]{4}@' "$ROOT/dovecot/users" 2>/dev/null || true)
+bench_boxes=$(grep -hE '^bench[0-9]{4}@' "$POSTFIX_DIR/vmailbox" 2>/dev/null || true)
 for f in dovecot.conf users masters; do sub "$HERE/dovecot/$f" "$ROOT/dovecot/$f"; done
+[ -z "$bench_users" ] || printf '%s\n' "$bench_users" >> "$ROOT/dovecot/users"
 chgrp dovecot "$ROOT/dovecot/users" "$ROOT/dovecot/masters"
 chmod 640 "$ROOT/dovecot/users" "$ROOT/dovecot/masters"
 chown $VMAIL:$VMAIL "$ROOT/dovecot/mail" "$ROOT/dovecot/shared"
@@ -58,6 +63,7 @@ chmod 600 "$key"; chmod 644 "$cert"
 for f in main.cf master.cf vmailbox virtual_alias.regexp sender_login_maps.regexp; do
   sub "$HERE/postfix/$f" "$POSTFIX_DIR/$f"
 done
+[ -z "$bench_boxes" ] || printf '%s\n' "$bench_boxes" >> "$POSTFIX_DIR/vmailbox"
 install -d -o postfix -g postfix -m 700 "$ROOT/postfix/lib"   # master.lock lives here
 
 # Radicale
