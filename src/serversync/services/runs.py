@@ -239,6 +239,8 @@ class ChannelRunner:
                 return None
             profile = await repo.get_profile(mailbox.profile)
             store = RunStore(repo.session)
+            if mailbox.id is not None:
+                store.know(mailbox.address, mailbox.id)
             if only_if_due:
                 state = await store.state(mailbox.address, channel)
                 if state.next_run_at is not None and state.next_run_at > started:
@@ -277,6 +279,8 @@ class ChannelRunner:
         items = summary.items if summary else 0
         async with self.db.transaction() as repo:
             store = RunStore(repo.session)
+            if mailbox.id is not None:
+                store.know(address, mailbox.id)
             try:
                 state = await store.state(address, channel)
             except NotFound:  # deleted while it ran: nothing left to record against

@@ -124,6 +124,10 @@ class RunStore:
         self._ids: dict[str, int] = {}
         self._rows: dict[tuple[int, str], ChannelScheduleRow] = {}
 
+    def know(self, address: str, mailbox_id: int) -> None:
+        """Tell the store a mailbox's id (the caller read the mailbox in this transaction)."""
+        self._ids[address.strip().lower()] = mailbox_id
+
     async def _mailbox_id(self, address: str) -> int:
         key = address.strip().lower()
         if key in self._ids:
@@ -212,15 +216,15 @@ class RunStore:
         row.outcome, row.error_code, row.error = outcome.value, error_code, error
         row.detail = detail[:2000]
         schedule = self._rows.get((row.mailbox_id, row.channel))
-        if schedule is not None:  # loaded already (the runner read the state): no UPDATE
-            schedule.running_since = None
+        if schedule is not None:  # loaded already (the runner read the state): written
+            schedule.running_since = None  # with it at the next flush, one UPDATE
         else:
             await self.session.execute(
                 update(ChannelScheduleRow)
                 .where(ChannelScheduleRow.mailbox_id == row.mailbox_id,
                        ChannelScheduleRow.channel == row.channel)
                 .values(running_since=None))
-        await self.session.flush()
+            await self.session.flush()
         if address is None:
             address = await self.session.scalar(
                 select(MailboxRow.address).where(MailboxRow.id == row.mailbox_id))
