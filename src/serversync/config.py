@@ -6,6 +6,8 @@
 | ``SERVERSYNC_SECRET_KEY`` | — | url-safe base64 AES-256 key(s), comma-separated, first encrypts |
 | ``SERVERSYNC_KEY_FILE`` | ``serversync.key`` | key file used when no key is in the environment |
 | ``SERVERSYNC_DEBUG`` | off | print tracebacks of unexpected errors |
+| ``SERVERSYNC_BLOB_DIR`` | ``<sqlite file>.blobs`` | blob packs (`store.blobfiles`) |
+| ``SERVERSYNC_BLOB_FSYNC`` | ``batch`` | flush packs before commit; ``none`` |
 """
 
 from __future__ import annotations

@@ -7,14 +7,15 @@
   activity, skipped by the tracking rules, quarantined). Because every batch commits its
   links with its activities and cursor, a replayed batch finds its links and does nothing.
 * ``incoming_cursors`` — per (mailbox, folder): UIDVALIDITY, last UID, HIGHESTMODSEQ.
-* ``incoming_quarantine`` — a message that could not be tracked, with its raw bytes (in the
-  content-addressed ``blobs`` table), the error code and reason.
+* ``incoming_quarantine`` — a message that could not be tracked, with its raw bytes (a
+  content-addressed ``blobs`` row; the bytes in a pack file, `store.blobfiles`, or inline),
+  the error code and reason.
 * ``incoming_loop_guard`` — per sender: activities created in the current window and
   whether the sender is paused.
 
-Activities are written in bulk here (one multi-row INSERT ... RETURNING per table and batch)
-because the per-row ORM path of `store.emails.EmailStore` costs more than parsing; the rows
-are the same ``emails`` / ``email_recipients`` / ``email_attachments`` / ``blobs`` that
+Activities are written in bulk here (one executemany per table and batch; on SQLite at the
+driver level) because the per-row ORM path of `store.emails.EmailStore` costs more than
+parsing; the rows are the same ``emails`` / ``email_recipients`` / ``email_attachments`` / ``blobs`` that
 `EmailStore` reads.
 """
 
