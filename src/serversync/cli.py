@@ -43,7 +43,7 @@ from serversync.core.model import (
 from serversync.core.secret import Secret
 from serversync.manifest import MailboxSpec, ProfileSpec, load_manifest, validate
 from serversync.services import Services, TestReport
-from serversync.store import crypto
+from serversync.store import blobfiles, crypto
 
 T = TypeVar("T")
 
@@ -213,6 +213,17 @@ def migrate() -> None:
     """Create or upgrade the database schema (every command also does this on start)."""
     run(lambda s: asyncio.sleep(0))
     out.print("schema is up to date")
+
+
+@app.command("sweep-blobs")
+def sweep_blobs(older_than: Annotated[float, typer.Option(
+        help="Only files older than this many hours (a batch may still be committing).")]
+        = 1.0) -> None:
+    """Delete blob packs no row points at (left by a crash between writing and committing)."""
+    async def work(s: Services) -> int:
+        async with s.db.transaction() as repo:
+            return await blobfiles.sweep_orphans(repo.session, older_than=older_than * 3600)
+    out.print(f"removed {run(work)} orphan blob file(s)")
 
 
 @app.command()

@@ -201,3 +201,22 @@ async def test_bulk_insert_round_trips_every_column(db: Database, blob_dir: Path
     assert dataclasses.replace(got, id=None) == activity
     assert other.message_id is None and other.references == () and other.sent_at is None
     assert second != first
+
+
+def test_cli_sweeps_orphan_packs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from serversync.cli import app
+
+    monkeypatch.setenv("SERVERSYNC_DATABASE_URL", f"sqlite:///{tmp_path}/cli.db")
+    monkeypatch.setenv("SERVERSYNC_KEY_FILE", str(tmp_path / "cli.key"))
+    monkeypatch.delenv("SERVERSYNC_SECRET_KEY", raising=False)
+    monkeypatch.delenv(blobfiles.DIR_ENV, raising=False)
+    [location] = blobfiles.BlobFiles(tmp_path / "cli.db.blobs").write_many(
+        [(blobfiles.digest(b"lost"), b"lost")])  # a pack of a batch that never committed
+    runner = CliRunner()
+    fresh = runner.invoke(app, ["sweep-blobs"])
+    assert fresh.exit_code == 0 and "removed 0" in fresh.stdout  # within the grace period
+    old = runner.invoke(app, ["sweep-blobs", "--older-than", "0"])
+    assert old.exit_code == 0 and "removed 1" in old.stdout, old.stdout
+    assert not (tmp_path / "cli.db.blobs" / blobfiles.parse_location(location)[0]).exists()
