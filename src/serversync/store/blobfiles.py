@@ -36,8 +36,9 @@ Flushing (``SERVERSYNC_BLOB_FSYNC``): a pack is written under a temporary name, 
 Crash safety: a pack is complete and renamed into place before its rows are inserted, and
 its rows commit in one transaction or not at all. A crash in between leaves a pack nothing
 points at (an orphan); the replayed batch writes its blobs again into a new pack and
-commits the rows, so nothing is lost and nothing dangles. `sweep_orphans` deletes orphan
-packs and stale temporary files older than a grace period. Deleting single blobs (which
+commits the rows, so nothing is lost and nothing dangles. `sweep_orphans` (CLI:
+``serversync sweep-blobs``) deletes orphan packs and stale temporary files older than a
+grace period. Deleting single blobs (which
 would need pack compaction) is not supported; nothing deletes blobs today.
 """
 
