@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -311,42 +310,3 @@ async def test_one_run_claims_chunk_after_chunk_up_to_its_batch_size(
         assert (await service.state(created.id or 0)).status is EmailStatus.SENT
     assert settle(DAVE, emails[-1].message_id or "") == 1
 
-
-async def test_sqlite_journal_waits_for_a_lock_off_the_event_loop(sqlite_db: Database) -> None:
-    """The journal writes on the loop's thread, but never blocks it for another writer."""
-    import sqlite3
-
-    from serversync.store.outgoing import Journal
-
-    await add_mailbox(sqlite_db, OWN, BOB)
-    created = await OutgoingService(sqlite_db).create(NewEmail(BOB, "lock", to=[DAVE], text="x"))
-    path = sqlite_db.engine.url.database
-    assert path
-    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock for 0.4 s
-    release = threading.Timer(0.4, other.execute, args=("COMMIT",))
-    release.start()
-    gaps: list[float] = []
-
-    async def ticker() -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.005)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    ticking = asyncio.create_task(ticker())
-    journal = Journal(sqlite_db)
-    start = time.monotonic()
-    try:
-        await journal.write([created.id or 0], (), dt.datetime.now(dt.UTC))
-    finally:
-        ticking.cancel()
-        await journal.close()
-        release.join()
-        other.close()
-    assert time.monotonic() - start >= 0.3  # it waited for the lock ...
-    assert max(gaps) < 0.2  # ... without stopping the event loop
-    state = await OutgoingService(sqlite_db).state(created.id or 0)
-    assert state.phase is Phase.SUBMITTING

@@ -15,7 +15,6 @@ Bulk updates use SQLAlchemy's executemany by primary key: one round trip per bat
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
-    Connection,
-    Engine,
     ForeignKey,
     Index,
     Integer,
@@ -33,16 +30,12 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
-    create_engine,
-    event,
     func,
     select,
     update,
 )
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
-from sqlalchemy.pool import NullPool
 
 from serversync.core.email import EmailStatus
 from serversync.core.errors import NotFound
@@ -343,22 +336,15 @@ _OUTGOING_OUTCOME = (
 async def write_journal(connection: AsyncConnection, marks: Sequence[int],
                         outcomes: Sequence[Finish], now: dt.datetime | None) -> None:
     """"Submitting" marks and attempt outcomes, inside the caller's transaction."""
-    for statement, params in _journal_statements(marks, outcomes, now):
-        await connection.execute(statement, params)
-
-
-def _journal_statements(marks: Sequence[int], outcomes: Sequence[Finish],
-                        now: dt.datetime | None) -> list[tuple[Any, list[dict[str, Any]]]]:
-    statements: list[tuple[Any, list[dict[str, Any]]]] = []
     if marks:
-        statements.append((_MARK, [{"b_id": i, "b_now": now} for i in marks]))
+        await connection.execute(_MARK, [{"b_id": i, "b_now": now} for i in marks])
     if not outcomes:
-        return statements
-    statements.append((_EMAIL_OUTCOME, [
+        return
+    await connection.execute(_EMAIL_OUTCOME, [
         {"b_id": f.email_id, "b_status": f.status.value,
          "b_sent_at": (f.accepted_at or f.now) if f.status is EmailStatus.SENT else None,
-         "b_hash": f.content_hash} for f in outcomes]))
-    statements.append((_OUTGOING_OUTCOME, [
+         "b_hash": f.content_hash} for f in outcomes])
+    await connection.execute(_OUTGOING_OUTCOME, [
         {"b_id": f.email_id, "b_attempts": f.attempts,
          "b_phase": (Phase.QUEUED if f.status is EmailStatus.PENDING_SEND else Phase.DONE).value,
          "b_next": f.next_attempt_at,
@@ -367,48 +353,22 @@ def _journal_statements(marks: Sequence[int], outcomes: Sequence[Finish],
          "b_results": _results_json(f.recipients),
          "b_copy": f.sent_copy.value if f.sent_copy is not None else None,
          "b_accepted": f.accepted_at, "b_reply": f.smtp_reply, "b_now": f.now}
-        for f in outcomes]))
-    return statements
-
-
-_SQLITE_QUICK_BUSY_MS = 5  # how long a journal write may block the event loop for a lock
-_SQLITE_BUSY_MS = 30_000  # the same as the store's other connections (store.db)
-
-
-def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-    cursor = dbapi_conn.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA synchronous=NORMAL")  # as store.db: WAL, durable across a crash
-    cursor.close()
+        for f in outcomes])
 
 
 class Journal:
     """A connection kept for one run's journal writes: each flush is BEGIN, UPDATEs, COMMIT.
 
     Checking a pooled connection out and resetting it on return cost two more round trips
-    to the driver's thread per transaction; the journal runs about one transaction per
-    message, and the "submitting" mark it carries is what an email's DATA waits for.
-
-    On SQLite the journal uses its own plain (synchronous) connection and writes on the
-    event loop's thread: a transaction of a few UPDATEs costs ~0.2 ms there, where the
-    aiosqlite path took 5-10 ms of wall time (five hops to the driver's thread, each
-    waiting for the GIL while the loop computes). Only if another writer holds the lock
-    for more than 5 ms does the write move to a worker thread and wait there, as long as
-    the store's other connections would. The commit is as durable as theirs (WAL,
-    ``synchronous=NORMAL``: it survives a crash of the process).
+    to the driver's thread per transaction; the journal runs one transaction per message.
     """
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self._connection: AsyncConnection | None = None
-        self._sqlite: Connection | None = None
-        self._sqlite_engine: Engine | None = None
 
     async def write(self, marks: Sequence[int], outcomes: Sequence[Finish],
                     now: dt.datetime) -> None:
-        if self.db.engine.dialect.name == "sqlite":
-            await self._write_sqlite(_journal_statements(marks, outcomes, now))
-            return
         if self._connection is None:
             self._connection = await self.db.engine.connect()
         try:
@@ -418,42 +378,7 @@ class Journal:
             await self.close()  # a broken connection is not reused
             raise
 
-    async def _write_sqlite(self, statements: list[tuple[Any, list[dict[str, Any]]]]) -> None:
-        if self._sqlite is None:
-            self._sqlite_engine = create_engine(
-                self.db.engine.url.set(drivername="sqlite"), poolclass=NullPool,
-                connect_args={"check_same_thread": False})
-            event.listen(self._sqlite_engine, "connect", _sqlite_connect)
-            self._sqlite = self._sqlite_engine.connect()
-        connection = self._sqlite
-        try:
-            try:
-                _run_sqlite(connection, statements, _SQLITE_QUICK_BUSY_MS)
-            except OperationalError as exc:
-                if "locked" not in str(exc.orig) and "busy" not in str(exc.orig):
-                    raise
-                # another writer holds the lock: wait for it off the event loop
-                await asyncio.to_thread(_run_sqlite, connection, statements, _SQLITE_BUSY_MS)
-        except BaseException:
-            await self.close()  # a broken connection is not reused
-            raise
-
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
-        sqlite, self._sqlite = self._sqlite, None
-        if sqlite is not None:
-            sqlite.close()
-        engine, self._sqlite_engine = self._sqlite_engine, None
-        if engine is not None:
-            engine.dispose()
-
-
-def _run_sqlite(connection: Connection, statements: list[tuple[Any, list[dict[str, Any]]]],
-                busy_ms: int) -> None:
-    with connection.begin():
-        # pysqlite opens the SQLite transaction at the first UPDATE; the pragma is not one
-        connection.exec_driver_sql(f"PRAGMA busy_timeout={int(busy_ms)}")
-        for statement, params in statements:
-            connection.execute(statement, params)
