@@ -188,19 +188,23 @@ class _Item:
 
 
 @dataclass
-class _Tally:
+class RunTally:
+    """What one outgoing run did, for its run record (SMTP and Exchange paths alike)."""
+
     sent: int = 0
     failed: int = 0
     retried: int = 0
     released: int = 0
     recovered: int = 0
     copies: int = 0
+    unknown: int = 0
 
     def detail(self) -> str:
         parts = [f"{n} {label}" for n, label in (
             (self.sent, "sent"), (self.failed, "failed"), (self.retried, "to retry"),
             (self.released, "put back"), (self.recovered, "recovered"),
-            (self.copies, "Sent copies made late")) if n]
+            (self.copies, "Sent copies made late"),
+            (self.unknown, "outcome unknown, decided after the lease")) if n]
         return ", ".join(parts) or "nothing due"
 
 
@@ -407,7 +411,7 @@ class _Run:
         self.gate = gate
         self.options: ConnectOptions = connect_options(profile)
         self.journal = _Journal(self.db, self.clock)
-        self.tally = _Tally()
+        self.tally = RunTally()
         self.queue: collections.deque[_Item] = collections.deque()
         self.fatal: SyncError | None = None
         self.connect_error: SyncError | None = None

@@ -51,7 +51,6 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from serversync.connectors import ews, graph
@@ -77,7 +76,7 @@ from serversync.core.outgoing import (
 from serversync.core.rules import Login
 from serversync.services.admin import connect_options
 from serversync.services.channels import RunSummary
-from serversync.services.outgoing import CRASH_ENV, CRASH_EXIT, OutgoingService
+from serversync.services.outgoing import CRASH_ENV, CRASH_EXIT, OutgoingService, RunTally
 from serversync.store.emails import EmailStore
 from serversync.store.outgoing import Claimed, Finish, Journal, OutgoingStore
 
@@ -197,23 +196,6 @@ def channel_level(error: SyncError) -> bool:
         isinstance(error, PermanentError) and error.code not in MESSAGE_ERRORS)
 
 
-@dataclass
-class _Tally:
-    sent: int = 0
-    failed: int = 0
-    retried: int = 0
-    released: int = 0
-    recovered: int = 0
-    unknown: int = 0
-
-    def detail(self) -> str:
-        parts = [f"{n} {label}" for n, label in (
-            (self.sent, "sent"), (self.failed, "failed"), (self.retried, "to retry"),
-            (self.released, "put back"), (self.recovered, "recovered"),
-            (self.unknown, "outcome unknown, decided after the lease")) if n]
-        return ", ".join(parts) or "nothing due"
-
-
 class ExchangeRun:
     """One run of the outgoing channel of one Exchange / Exchange Online mailbox."""
 
@@ -228,7 +210,7 @@ class ExchangeRun:
         self.submitter = submitter or submitter_for(profile, login, connect_options(profile))
         self.on_behalf_of = login.user if login.mode is AccessMode.DELEGATION else None
         self.journal = Journal(self.db)
-        self.tally = _Tally()
+        self.tally = RunTally()
         self._outcomes: list[Finish] = []  # committed with the next mark, or at the end
 
     async def execute(self) -> RunSummary:
