@@ -8,6 +8,7 @@
 | ``SERVERSYNC_DEBUG`` | off | print tracebacks of unexpected errors |
 | ``SERVERSYNC_BLOB_DIR`` | ``<sqlite file>.blobs`` | blob packs (`store.blobfiles`) |
 | ``SERVERSYNC_BLOB_FSYNC`` | ``batch`` | flush packs before commit; ``none`` |
+| ``SERVERSYNC_GRAPH_NOTIFICATION_URL`` | — | public URL of ``/graph/notify``: Graph push; unset: poll |
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Settings:
     key_file: Path = DEFAULT_KEY_FILE
     secret_keys: str | None = None
     debug: bool = False
+    graph_notification_url: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -34,7 +36,8 @@ class Settings:
             database_url=env.get("SERVERSYNC_DATABASE_URL") or DEFAULT_DATABASE_URL,
             key_file=Path(env.get("SERVERSYNC_KEY_FILE") or DEFAULT_KEY_FILE),
             secret_keys=env.get("SERVERSYNC_SECRET_KEY") or None,
-            debug=env.get("SERVERSYNC_DEBUG", "") not in ("", "0"))
+            debug=env.get("SERVERSYNC_DEBUG", "") not in ("", "0"),
+            graph_notification_url=env.get("SERVERSYNC_GRAPH_NOTIFICATION_URL") or None)
 
     def __repr__(self) -> str:
         # The URL may carry a database password and the keys are secrets: never print them.

@@ -61,6 +61,7 @@ async def serve_async(settings: Settings, options: local.ServeOptions, *, web: b
         if not sync:
             runtime.scheduler.max_concurrency = 0
             runtime.push = None
+            runtime.options.graph_notification_url = None  # the workers keep subscriptions
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runtime.stop)
@@ -89,10 +90,12 @@ def register(app: typer.Typer, run: Any, fail: Any, out: Any) -> None:
                                                    "on shutdown.")] = 30.0) -> None:
         """Run the whole service in one process: sync scheduler, push, API and admin UI."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        settings = Settings.from_env()
         options = local.ServeOptions(host=host, port=port, max_concurrency=max_concurrency,
-                                     push=not no_push, grace_s=grace)
+                                     push=not no_push, grace_s=grace,
+                                     graph_notification_url=settings.graph_notification_url)
         try:
-            asyncio.run(serve_async(Settings.from_env(), options, web=not no_web,
+            asyncio.run(serve_async(settings, options, web=not no_web,
                                     sync=not no_sync))
         except SyncError as exc:
             fail(exc)
@@ -113,8 +116,9 @@ def register(app: typer.Typer, run: Any, fail: Any, out: Any) -> None:
                                              pool_size=concurrency + 5, max_overflow=10)
             try:
                 await Worker(services, settings.database_url,
-                             options=WorkerOptions(concurrency=concurrency, push=not no_push,
-                                                   grace_s=grace),
+                             options=WorkerOptions(
+                                 concurrency=concurrency, push=not no_push, grace_s=grace,
+                                 graph_notification_url=settings.graph_notification_url),
                              pushers=wiring.PUSHERS, alert_mailer=wiring.mail_alert).run()
             finally:
                 await services.db.close()

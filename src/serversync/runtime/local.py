@@ -25,7 +25,7 @@ from typing import Any
 from serversync.core.model import Channel, ServerKind
 from serversync.runtime.push import Push, Watch
 from serversync.runtime.scheduler import Scheduler
-from serversync.services import Services
+from serversync.services import Services, graph_subscriptions
 from serversync.services.runs import AlertMailer, ChannelRunner, Run, RunLog
 from serversync.services.webhooks import Webhooks
 
@@ -41,6 +41,10 @@ class ServeOptions:
     grace_s: float = 30.0  # how long running batches may take to finish on shutdown
     webhook_every_s: float = 5.0
     connect_concurrency: int = 20  # IMAP IDLE logins at once
+    # SERVERSYNC_GRAPH_NOTIFICATION_URL: when set, Graph subscriptions are kept (push for
+    # Exchange Online); when not, Exchange Online is polled only
+    graph_notification_url: str | None = None
+    graph_subscriptions_every_s: float = graph_subscriptions.EVERY_S
 
 
 @dataclass
@@ -69,6 +73,9 @@ class LocalRuntime:
             asyncio.create_task(self._deliver_webhooks(), name="webhooks")]
         if self.push is not None:
             tasks.append(asyncio.create_task(self.push.run(), name="push"))
+        if self.options.graph_notification_url:
+            tasks.append(asyncio.create_task(self._graph_subscriptions(
+                self.options.graph_notification_url), name="graph-subscriptions"))
         if self.app is not None:
             self.server = _server(self.app, self.options.host, self.options.port)
             tasks.append(asyncio.create_task(self.server.serve(), name="web"))
@@ -94,6 +101,20 @@ class LocalRuntime:
             if task.get_name() != "web":
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _graph_subscriptions(self, url: str) -> None:
+        keeper = graph_subscriptions.GraphSubscriptions(self.services.db, self.services.clock)
+        if self.server is not None:
+            # Graph validates the notification URL while creating a subscription: let the
+            # web server start listening first (uvicorn only offers a flag to watch).
+            while not self.server.started:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        while True:
+            try:
+                await keeper.ensure(url)
+            except Exception:  # the next round retries; delta polling covers the gap
+                log.exception("keeping Graph subscriptions failed")
+            await asyncio.sleep(self.options.graph_subscriptions_every_s)
 
     async def _deliver_webhooks(self) -> None:
         while True:

@@ -15,7 +15,10 @@ Jobs go through **procrastinate** (a maintained PostgreSQL job queue; no home-ma
   continues from there — nothing is lost or duplicated. Its open run is closed as
   "interrupted" by the next run.
 * ``serversync.webhooks`` (periodic) delivers webhooks; ``serversync.prune`` (hourly)
-  forgets old runs.
+  forgets old runs; ``serversync.graph_subscriptions`` (every 15 minutes, when
+  ``graph_notification_url`` is set) creates, renews and deletes Microsoft Graph
+  subscriptions (`services.graph_subscriptions`); their notifications reach the web app
+  (`web.graph_notify`), which makes the channel due for ``dispatch``.
 
 Push: each worker runs `runtime.push.Push` with `PushClaims` — PostgreSQL session advisory
 locks on one connection per worker — so each IMAP IDLE connection lives in exactly one
@@ -48,6 +51,7 @@ from serversync.core.model import Channel, ServerKind
 from serversync.runtime.local import close_jobs
 from serversync.runtime.push import Push, Watch
 from serversync.services import Services
+from serversync.services.graph_subscriptions import GraphSubscriptions
 from serversync.services.runs import AlertMailer, ChannelRunner, RunLog, worker_name
 from serversync.services.webhooks import Webhooks
 
@@ -67,6 +71,7 @@ class WorkerOptions:
     push: bool = True
     rescan_s: float = 30.0
     connect_concurrency: int = 20
+    graph_notification_url: str | None = None  # set: keep Graph subscriptions (push)
 
 
 def conninfo(database_url: str) -> str:
@@ -159,6 +164,7 @@ class Worker:
         self.runner = ChannelRunner(services, push=self.push.covers if self.push else None,
                                     alert_mailer=alert_mailer, worker=worker_name())
         self.webhooks = Webhooks(services.db, services.clock)
+        self.graph_subscriptions = GraphSubscriptions(services.db, services.clock)
         self.app = procrastinate.App(connector=procrastinate.PsycopgConnector(
             conninfo=self.dsn))
         self._register()
@@ -187,6 +193,15 @@ class Worker:
         async def prune(timestamp: int) -> None:
             await self.runlog.prune()
             await self.app.job_manager.delete_old_jobs(nb_hours=24, include_failed=True)
+
+        @app.periodic(cron="*/15 * * * *")
+        @app.task(name="serversync.graph_subscriptions", queue=QUEUE,
+                  queueing_lock="serversync.graph_subscriptions",
+                  lock="serversync.graph_subscriptions")
+        async def graph_subscriptions(timestamp: int) -> None:
+            # Without a public notification URL nothing subscribes: delta polling only.
+            if options.graph_notification_url:
+                await self.graph_subscriptions.ensure(options.graph_notification_url)
 
         self.sync_task = sync_channel
 

@@ -8,13 +8,27 @@ transaction, so a token never runs ahead of the messages it covers.
 
 A token is not a credential (it is a position in a change log, useless without an access
 token), so it is stored in clear.
+
+``graph_subscriptions`` (migration ``0010``) keeps the Graph change-notification
+subscription of each Exchange Online mailbox (`services.graph_subscriptions`): its id,
+resource, expiry and the SHA-256 of its clientState — never the clientState itself.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 
-from sqlalchemy import ForeignKey, String, Text, UniqueConstraint, insert, select, update
+from sqlalchemy import (
+    ForeignKey,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -62,3 +76,82 @@ class SyncTokens:
             await self.session.execute(insert(SyncTokenRow).values(
                 mailbox_id=mailbox_id, channel=channel, folder=folder, token=token,
                 updated_at=now))
+
+
+class GraphSubscriptionRow(Base):
+    """A Microsoft Graph change-notification subscription we created for a mailbox.
+
+    ``mailbox`` and ``profile`` are names, not foreign keys: when a mailbox is deleted or
+    moved to another profile, the row must outlive it so that the subscription can still be
+    deleted on Graph with the profile's credentials. The clientState sent to Graph is a
+    random secret that is never stored: only its SHA-256 (``client_state_hash``) is kept,
+    which is all that checking a notification needs (a renewal does not resend it).
+    """
+
+    __tablename__ = "graph_subscriptions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(320), unique=True)
+    profile: Mapped[str] = mapped_column(String(255))
+    subscription_id: Mapped[str] = mapped_column(String(255), unique=True)
+    resource: Mapped[str] = mapped_column(Text)
+    notification_url: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[dt.datetime] = mapped_column()
+    client_state_hash: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[dt.datetime] = mapped_column()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSubscription:
+    mailbox: str
+    profile: str
+    subscription_id: str
+    resource: str
+    notification_url: str
+    expires_at: dt.datetime
+    client_state_hash: str
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _stored(row: GraphSubscriptionRow) -> StoredSubscription:
+    return StoredSubscription(row.mailbox, row.profile, row.subscription_id, row.resource,
+                              row.notification_url, _utc(row.expires_at),
+                              row.client_state_hash)
+
+
+class GraphSubscriptions:
+    """Read and write `graph_subscriptions` in the caller's session (and transaction)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def all(self) -> list[StoredSubscription]:
+        rows = await self.session.scalars(
+            select(GraphSubscriptionRow).order_by(GraphSubscriptionRow.mailbox))
+        return [_stored(r) for r in rows]
+
+    async def by_id(self, subscription_id: str) -> StoredSubscription | None:
+        row = await self.session.scalar(select(GraphSubscriptionRow).where(
+            GraphSubscriptionRow.subscription_id == subscription_id))
+        return _stored(row) if row is not None else None
+
+    async def put(self, subscription: StoredSubscription, now: dt.datetime) -> None:
+        """Insert or replace the mailbox's subscription (one per mailbox)."""
+        values = {"profile": subscription.profile,
+                  "subscription_id": subscription.subscription_id,
+                  "resource": subscription.resource,
+                  "notification_url": subscription.notification_url,
+                  "expires_at": subscription.expires_at,
+                  "client_state_hash": subscription.client_state_hash, "updated_at": now}
+        result = await self.session.execute(update(GraphSubscriptionRow).where(
+            GraphSubscriptionRow.mailbox == subscription.mailbox).values(**values))
+        if not getattr(result, "rowcount", 0):
+            await self.session.execute(insert(GraphSubscriptionRow).values(
+                mailbox=subscription.mailbox, **values))
+
+    async def forget(self, mailbox: str) -> None:
+        await self.session.execute(delete(GraphSubscriptionRow).where(
+            GraphSubscriptionRow.mailbox == mailbox))

@@ -7,7 +7,9 @@ passes them in; nothing here opens a database or a socket). Routes:
 * ``/metrics`` — Prometheus text format (`web.metrics`), bearer token like the API unless
   ``public_metrics=True``;
 * ``/ui/...`` — the admin UI (`web.admin`), signed in with an API token;
-* ``/static/...`` — the UI's CSS and the vendored htmx (no network at run time).
+* ``/static/...`` — the UI's CSS and the vendored htmx (no network at run time);
+* ``/graph/notify`` — Microsoft Graph change notifications (`web.graph_notify`; no bearer
+  token: Microsoft calls it, the clientState authenticates).
 
 Every response carries a strict Content-Security-Policy (no inline script, no third
 party), ``X-Frame-Options: DENY`` and ``nosniff``.
@@ -185,5 +187,5 @@ def create_app(services: Services, *, runlog: RunLog | None = None,
 def extra_routers(ctx: WebContext) -> list[APIRouter]:
     """Routers of the activity-writing services (outgoing email; appointments, contacts
     and tasks)."""
-    from serversync.web import act_api, outgoing_api
-    return [outgoing_api.router, act_api.router]
+    from serversync.web import act_api, graph_notify, outgoing_api
+    return [outgoing_api.router, act_api.router, graph_notify.router]
