@@ -38,6 +38,7 @@ from serversync.core.model import (
     TrackingRule,
 )
 from serversync.core.secret import Secret
+from serversync.core.times import utc as _utc
 
 
 class Spec(BaseModel):
@@ -278,12 +279,6 @@ class Manifest(Spec):
     directory: list[PartySpec] = Field(default_factory=list)
     profiles: list[ProfileSpec] = Field(default_factory=list)
     mailboxes: list[MailboxSpec] = Field(default_factory=list)
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _path(loc: tuple[int | str, ...]) -> str:

@@ -72,13 +72,8 @@ from serversync.core.act import (
     content_hash,
 )
 from serversync.core.errors import NotFound
+from serversync.core.times import utc
 from serversync.store.tables import Base
-
-
-def utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def moment_text(value: Moment | None) -> str | None:

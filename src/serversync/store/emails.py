@@ -38,6 +38,7 @@ from serversync.core.email import (
     Role,
 )
 from serversync.core.errors import NotFound
+from serversync.core.times import utc as _utc
 from serversync.store import blobfiles
 from serversync.store.tables import Base
 
@@ -117,12 +118,6 @@ class AttachmentRow(Base):
     content_id: Mapped[str | None] = mapped_column(String(998))
     blob_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"))
     notice: Mapped[str] = mapped_column(Text, default="")
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 class EmailStore:

@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
+from serversync.core.times import as_utc as _utc
 from serversync.store.tables import Base
 
 
@@ -110,10 +111,6 @@ class StoredSubscription:
     notification_url: str
     expires_at: dt.datetime
     client_state_hash: str
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _stored(row: GraphSubscriptionRow) -> StoredSubscription:

@@ -48,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from serversync.core.email import EmailActivity, Regarding
+from serversync.core.times import utc as _utc
 from serversync.core.tracking import KnownActivity, LoopWindow
 from serversync.store import blobfiles
 from serversync.store.emails import AttachmentRow, BlobRow, EmailRecipientRow, EmailRow
@@ -162,12 +163,6 @@ def clean(text: str | None, limit: int | None = None) -> str | None:
 def _table(row: type[Base]) -> Table:
     """The Core table of a mapped class: bulk inserts skip the ORM's per-row bookkeeping."""
     return cast(Table, row.__table__)
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 class IncomingStore:

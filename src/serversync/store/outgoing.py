@@ -47,6 +47,7 @@ from serversync.core.outgoing import (
     RecipientStatus,
     SendState,
 )
+from serversync.core.times import utc as _utc
 from serversync.store.db import Database
 from serversync.store.emails import EmailRow
 from serversync.store.tables import Base
@@ -83,12 +84,6 @@ class OutgoingRow(Base):
     created_at: Mapped[dt.datetime]
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=func.now(),
                                                     onupdate=func.now())
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)

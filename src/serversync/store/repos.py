@@ -39,6 +39,7 @@ from serversync.core.model import (
     TrackingRule,
 )
 from serversync.core.secret import Secret
+from serversync.core.times import utc
 from serversync.store.crypto import Keyring
 from serversync.store.tables import (
     SECRET_COLUMNS,
@@ -57,13 +58,6 @@ _PROFILE_ENUMS: dict[str, type[enum.Enum]] = {
     "kind": ServerKind, "credential_source": CredentialSource,
     "impersonation_method": ImpersonationMethod, "outgoing_credential_source": CredentialSource,
 }
-
-
-def utc(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite returns naive datetimes; every datetime we store is UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _enum(kind: type[E], value: str | None) -> E | None:

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from serversync.core.errors import NotFound
 from serversync.core.model import ApprovalStatus, Channel, ChannelStatus, SyncMethod
 from serversync.core.schedule import ChannelSchedule, Outcome, Run, ScheduleState
-from serversync.store.repos import utc
+from serversync.core.times import utc
 from serversync.store.tables import Base, MailboxRow, ProfileRow
 
 

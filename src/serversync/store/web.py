@@ -42,6 +42,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from serversync.core.access import ApiToken, Principal, Role
 from serversync.core.errors import NotFound
 from serversync.core.model import Severity
+from serversync.core.times import as_utc as _utc_required
+from serversync.core.times import utc as _utc
 from serversync.core.webhooks import Delivery, DeliveryStatus, Event, Webhook
 from serversync.store.crypto import Keyring
 from serversync.store.emails import EmailRow
@@ -116,16 +118,6 @@ class WebhookSourceRow(Base):
 
 
 SECRET_COLUMNS[WebhookRow] = ("secret",)
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-def _utc_required(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 class WebStore:
