@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import enum
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -40,8 +41,9 @@ from serversync.core.model import (
     TlsMode,
     TrackingRule,
 )
+from serversync.core.rules import access_mode
 from serversync.core.secret import Secret
-from serversync.manifest import MailboxSpec, ProfileSpec, load_manifest, validate
+from serversync.manifest import MailboxSpec, PartySpec, ProfileSpec, load_manifest, validate
 from serversync.services import Services, TestReport
 from serversync.store import blobfiles, crypto
 
@@ -161,7 +163,6 @@ def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
 
 def read_secret(env: str | None, stdin: bool, field: str) -> Secret | None:
     if env:
-        import os
         value = os.environ.get(env)
         if not value:
             fail(ConfigError(field, f"environment variable {env} is not set"))
@@ -277,7 +278,7 @@ def generate_key(file: Annotated[Path, typer.Argument(help="Where to write the n
                  ) -> None:
     """Write a new secret key to FILE with mode 0600 (never to the terminal)."""
     try:
-        crypto._write_private(file, crypto.encode_key(crypto.new_key()))
+        crypto.write_private(file, crypto.encode_key(crypto.new_key()))
     except FileExistsError:
         fail(ConfigError(str(file), "already exists; refusing to overwrite a key"))
     out.print(f"wrote a new key to {file}")
@@ -337,7 +338,6 @@ def profile_list(as_json: JsonOpt = False) -> None:
 
 
 def _access(profile: Profile) -> str:
-    from serversync.core.rules import access_mode
     return access_mode(profile).value
 
 
@@ -647,7 +647,6 @@ def directory_add(kind: PartyKind, key: str,
                                    ] = None,
                   tracking_rule: RuleOpt = None) -> None:
     """Add or update a user, queue, contact, account, lead or other record."""
-    from serversync.manifest import PartySpec
     data: dict[str, Any] = {"kind": kind, "key": key, "name": name, "emails": email or []}
     if tracking_rule is not None:
         data["tracking_rule"] = tracking_rule

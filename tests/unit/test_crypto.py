@@ -61,7 +61,7 @@ def test_environment_keys_and_rotation_keyring(tmp_path: Path) -> None:
     with pytest.raises(crypto.KeyError_, match="not 32"):
         load_keyring(crypto.encode_key(b"short"), tmp_path / "unused")
     path = tmp_path / "k"
-    crypto._write_private(path, crypto.encode_key(old))
+    crypto.write_private(path, crypto.encode_key(old))
     crypto.install_rotated_key(path, new, old)
     assert load_keyring(None, path).others == [old]
     crypto.retire_old_keys(path)

@@ -103,7 +103,7 @@ class Keyring:
         return Secret(plain.decode())
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Create ``path`` with mode 0600 from the start (never readable by others, not even briefly)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -118,7 +118,7 @@ def load_keyring(env_keys: str | None, key_file: Path) -> Keyring:
     if not key_file.exists():
         key_file.parent.mkdir(parents=True, exist_ok=True)
         try:
-            _write_private(key_file, encode_key(new_key()))
+            write_private(key_file, encode_key(new_key()))
         except FileExistsError:
             pass  # another process created it first; read theirs
     mode = key_file.stat().st_mode & 0o777
@@ -140,7 +140,7 @@ def install_rotated_key(key_file: Path, new: bytes, old: bytes) -> None:
     """
     tmp = key_file.with_name(key_file.name + ".new")
     tmp.unlink(missing_ok=True)
-    _write_private(tmp, f"{encode_key(new)}\n{encode_key(old)}")
+    write_private(tmp, f"{encode_key(new)}\n{encode_key(old)}")
     os.replace(tmp, key_file)
 
 
@@ -149,5 +149,5 @@ def retire_old_keys(key_file: Path) -> None:
     lines = [ln for ln in key_file.read_text().splitlines() if ln.strip()]
     tmp = key_file.with_name(key_file.name + ".new")
     tmp.unlink(missing_ok=True)
-    _write_private(tmp, lines[0])
+    write_private(tmp, lines[0])
     os.replace(tmp, key_file)
