@@ -169,6 +169,14 @@ async def test_tasks_create_read_change_delete(api: Api) -> None:
     await api.call("GET", f"{TASKS}/t-1", expect=404)
 
 
+async def test_a_recurring_task_needs_an_anchor(api: Api) -> None:
+    weekly = {"uid": "t-2", "owner": CAROL, "subject": "Report", "rrule": "freq=weekly;byday=fr"}
+    problem = await api.call("POST", TASKS, expect=422, json=weekly)
+    assert "rrule: a recurring task needs a due date or a start" in str(problem)
+    created = await api.call("POST", TASKS, expect=201, json={**weekly, "due": "2026-03-06"})
+    assert created["rrule"] == "FREQ=WEEKLY;BYDAY=FR"
+
+
 # ---------------------------------------------------------------- bad input and roles
 
 

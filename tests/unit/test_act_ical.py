@@ -62,6 +62,7 @@ def appointment(**kw: object) -> Appointment:
          priority=2, body="b"),
     Task(uid="t2", subject="Done", status=TaskStatus.COMPLETED, percent_complete=100,
          completed_at=dt.datetime(2026, 6, 2, 8, tzinfo=dt.UTC)),
+    Task(uid="t3", subject="Weekly report", due=dt.date(2026, 7, 3), rrule="FREQ=WEEKLY;BYDAY=FR"),
     Contact(uid="c1", full_name="Ann Lee", given_name="Ann", family_name="Lee", prefix="Dr.",
             organization="Acme", job_title="CTO", emails=("ann@acme.test", "a@home.test"),
             phones=(Phone("cell", "+49 170 1"), Phone("work", "+49 30 2")),
@@ -71,6 +72,18 @@ def appointment(**kw: object) -> Appointment:
 def test_round_trip_keeps_the_content_hash(record: Appointment | Task | Contact) -> None:
     back = ical.parse(ical.render(record), vcard=isinstance(record, Contact))
     assert content_hash(back) == content_hash(record)
+
+
+def test_a_recurring_task_keeps_its_rule_and_one_off_tasks_keep_their_hash() -> None:
+    raw = ical.render(Task(uid="t3", subject="Report", due=dt.date(2026, 7, 3),
+                           rrule="FREQ=WEEKLY;BYDAY=FR"))
+    assert b"RRULE:FREQ=WEEKLY;BYDAY=FR" in raw
+    back = ical.parse(raw, vcard=False)
+    assert isinstance(back, Task) and back.rrule == "FREQ=WEEKLY;BYDAY=FR"
+    # the hash of a one-off task has no rrule in it: rows stored before recurring tasks
+    # existed are not seen as changed
+    assert content_hash(Task(uid="t", subject="s")) == (
+        "7347b29431f8fbece37e005ecda761a22b4eb8d2691ce811a2137e2f1f7e1c65")  # before 0011
 
 
 def test_vcard_4_is_read() -> None:

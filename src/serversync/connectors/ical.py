@@ -220,7 +220,9 @@ def _task(todo: Any, uid: str) -> Task:
         start=_moment(todo, "DTSTART", uid),
         status=_TASK_IN.get(_text(todo, "STATUS").upper(), TaskStatus.NOT_STARTED),
         percent_complete=percent_value, priority=priority_value, completed_at=completed,
-        body=_text(todo, "DESCRIPTION"), modified_at=_modified(todo))
+        body=_text(todo, "DESCRIPTION"),
+        rrule=rrule.to_ical().decode() if (rrule := todo.get("RRULE")) is not None else "",
+        modified_at=_modified(todo))
 
 
 def parse_calendar(raw: bytes) -> Appointment | Task:
@@ -356,6 +358,8 @@ def _todo(task: Task) -> icalendar.Todo:
         todo.add("completed", task.completed_at.astimezone(dt.UTC).replace(microsecond=0))
     if task.body:
         todo.add("description", task.body)
+    if task.rrule:
+        todo.add("rrule", icalendar.vRecur.from_ical(task.rrule))
     return todo
 
 

@@ -193,6 +193,7 @@ class Task:
     priority: int = 0  # iCalendar PRIORITY: 0 undefined, 1 highest .. 9 lowest
     completed_at: dt.datetime | None = None
     body: str = ""
+    rrule: str = ""  # RFC 5545 RRULE of a recurring task, anchored on due (or start)
     owner: str = ""
     modified_at: dt.datetime | None = None
     id: int | None = None
@@ -236,6 +237,8 @@ def canonical(record: Record) -> dict[str, Any]:
         data["attendees"] = sorted(data["attendees"], key=lambda a: a["address"])
         data["cancelled_occurrences"] = sorted(data["cancelled_occurrences"])
         data["occurrences"] = sorted(data["occurrences"], key=lambda o: o["recurrence_id"])
+    elif isinstance(record, Task) and not record.rrule:
+        del data["rrule"]  # added later: one-off tasks keep the hash they always had
     return data
 
 

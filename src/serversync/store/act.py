@@ -170,6 +170,7 @@ class TaskRow(_RecordColumns, Base):
     status: Mapped[str] = mapped_column(String(20), default="not-started")
     percent_complete: Mapped[int] = mapped_column(Integer, default=0)
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    rrule: Mapped[str] = mapped_column(Text, default="", server_default="")
     completed_at: Mapped[dt.datetime | None]
     body: Mapped[str] = mapped_column(Text, default="")
 
@@ -285,7 +286,7 @@ def _to_record(row: Any) -> Record:
     return Task(subject=row.subject, due=moment_value(row.due), start=moment_value(row.start),
                 status=TaskStatus(row.status), percent_complete=row.percent_complete,
                 priority=row.priority, completed_at=utc(row.completed_at), body=row.body,
-                **common)
+                rrule=row.rrule or "", **common)
 
 
 def _fill(row: Any, record: Record) -> None:
@@ -323,6 +324,7 @@ def _fill(row: Any, record: Record) -> None:
         row.due, row.start = moment_text(record.due), moment_text(record.start)
         row.percent_complete, row.priority = record.percent_complete, record.priority
         row.completed_at, row.body = record.completed_at, record.body
+        row.rrule = record.rrule
 
 
 @dataclasses.dataclass(slots=True)

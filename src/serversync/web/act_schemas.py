@@ -343,6 +343,9 @@ class TaskIn(In):
         "iCalendar PRIORITY: 0 undefined, 1 highest .. 9 lowest"))] = 0
     completed_at: Annotated[InstantIn | None, AfterValidator(_offset)] = None
     body: Text = ""
+    rrule: Annotated[str, AfterValidator(_rrule)] = Field(
+        "", description="RFC 5545 RRULE of a recurring task, e.g. FREQ=WEEKLY;BYDAY=FR; "
+        "repeats from due (or start), which it needs")
 
     @field_validator("due")
     @classmethod
@@ -354,11 +357,18 @@ class TaskIn(In):
                 raise ValueError("is before start")
         return due
 
+    @field_validator("rrule")
+    @classmethod
+    def _anchored(cls, rule: str, info: ValidationInfo) -> str:
+        if rule and info.data.get("due") is None and info.data.get("start") is None:
+            raise ValueError("a recurring task needs a due date or a start to repeat from")
+        return rule
+
     def to_core(self) -> Task:
         return Task(uid=self.uid, subject=self.subject, due=self.due, start=self.start,
                     status=self.status, percent_complete=self.percent_complete,
                     priority=self.priority, completed_at=self.completed_at, body=self.body,
-                    owner=self.owner)
+                    rrule=self.rrule, owner=self.owner)
 
 
 RecordIn = AppointmentIn | ContactIn | TaskIn
@@ -462,6 +472,7 @@ class TaskOut(Out):
     priority: int
     completed_at: dt.datetime | None
     body: str
+    rrule: str
     modified_at: dt.datetime | None
 
 
