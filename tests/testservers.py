@@ -63,7 +63,7 @@ ERIN = f"erin@{OTHER_DOMAIN}"  # outside the service account's impersonation sco
 USERS: dict[str, str] = {
     f"{u}@{DOMAIN}": f"{u}-pw"
     for u in ("alice", "bob", "carol", "dave", "support", "bench", "sink", "svc", "delegate",
-              "frank", "grace", "heidi", "ivan", "judy")
+              "frank", "grace", "heidi", "ivan", "judy", "kim", "leo")
 }
 USERS[ERIN] = "erin-pw"
 # folders Dovecot creates for every user (auto = subscribe); reset_mailbox keeps them
