@@ -12,8 +12,8 @@ Shapes follow Microsoft's EWS reference (see ``tests/fixtures/ews/*.xml``, each 
 page it is taken from). Errors are the documented ones: ``ErrorImpersonateUserDenied`` and
 ``ErrorNonExistentMailbox`` as SOAP faults, ``ErrorServerBusy`` as a fault with
 ``BackOffMilliseconds`` in ``MessageXml`` (HTTP 500), ``ErrorAccessDenied`` and
-``ErrorItemNotFound`` / ``ErrorIrresolvableConflict`` / ``ErrorMessageSizeExceeded`` as
-response messages.
+``ErrorItemNotFound`` / ``ErrorIrresolvableConflict`` / ``ErrorMessageSizeExceeded`` /
+``ErrorInvalidRecipients`` as response messages.
 
 Only what our connector sends is understood; anything else is answered with
 ``ErrorInvalidOperation`` so a test notices at once.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import email.parser
 import email.policy
+import email.utils
 import itertools
 import threading
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class EwsServer:
         # the same, for the next requests of one operation only (e.g. "CreateItem")
         self.busy_for: dict[str, list[int]] = {}
         self.max_message_bytes: int | None = None  # larger sends: ErrorMessageSizeExceeded
+        self.invalid_recipients: set[str] = set()  # sends to these: ErrorInvalidRecipients
         self.sent: list[tuple[str, bytes]] = []  # (mailbox, MIME) submitted for delivery
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
@@ -151,6 +153,16 @@ class EwsServer:
             item = Item(self._new_id(), "inbox", element, mime=mime)
             box.items[item.id] = item
             self._log(box, "inbox", "Create", item.id)
+            return item.id
+
+    def add_item(self, address: str, folder: str, element: etree._Element) -> str:
+        """Put a calendar item, contact or task (``t:CalendarItem``, ...) in a folder, as a
+        user creating it in Outlook would; returns its ItemId."""
+        with self._lock:
+            box = self.mailboxes[address]
+            item = Item(self._new_id(), folder, _copy(element))
+            box.items[item.id] = item
+            self._log(box, folder, "Create", item.id)
             return item.id
 
     def change(self, address: str, item_id: str, tag: str, value: str) -> None:
@@ -413,6 +425,12 @@ class EwsServer:
                         "ErrorMessageSizeExceeded",
                         "The message exceeds the maximum supported size."))
                     continue
+                if disposition in ("SendOnly", "SendAndSaveCopy") and self._refused(mime):
+                    message.getparent().remove(message)  # type: ignore[union-attr]
+                    _error_message(response, "CreateItem", ItemError(
+                        "ErrorInvalidRecipients", "The recipient collection on your message "
+                        "or meeting request is invalid."))
+                    continue
                 if disposition in ("SendOnly", "SendAndSaveCopy"):
                     sender = acting or caller
                     if box.address != sender and sender not in self.delegates.get(
@@ -446,6 +464,13 @@ class EwsServer:
             self._log(box, folder, "Create", item.id)
             _item_id(items, item)
         return response
+
+    def _refused(self, mime: bytes) -> bool:
+        """Whether the message names a recipient listed in `invalid_recipients`."""
+        header = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(mime)
+        listed = {a.lower() for _, a in email.utils.getaddresses(
+            [str(v) for f in ("To", "Cc", "Bcc") for v in header.get_all(f) or []])}
+        return bool(listed & self.invalid_recipients)
 
     def op_UpdateItem(self, op: etree._Element, caller: str, acting: str | None,
                       ) -> etree._Element:

@@ -11,6 +11,7 @@ lookup).
 from __future__ import annotations
 
 import httpx
+import pytest
 from exchangelib import errors as ews_errors
 from exchangelib.folders import SentItems
 from exchangelib.restriction import Q, Restriction
@@ -37,15 +38,22 @@ M = "{http://schemas.microsoft.com/exchange/services/2006/messages}"
 T = "{http://schemas.microsoft.com/exchange/services/2006/types}"
 
 
-def test_a_refused_message_fails_alone_on_ews() -> None:
-    root = etree.parse(str(FIXTURES / "ews" / "createitem-error-message-size-exceeded.xml"))
+@pytest.mark.parametrize(("fixture", "code"), [
+    ("createitem-error-message-size-exceeded.xml", "ErrorMessageSizeExceeded"),
+    ("createitem-error-invalid-recipients.xml", "ErrorInvalidRecipients"),
+])
+def test_a_refused_message_fails_alone_on_ews(fixture: str, code: str) -> None:
+    root = etree.parse(str(FIXTURES / "ews" / fixture))
     service = CreateItem(account=offline_account())
-    [exc] = list(service._get_elements_in_response(
-        response=service._get_soap_messages(body=root.getroot().find(f"{SOAP}Body"))))
+    try:  # exchangelib returns some response errors and raises the others
+        [exc] = list(service._get_elements_in_response(
+            response=service._get_soap_messages(body=root.getroot().find(f"{SOAP}Body"))))
+    except ews_errors.EWSError as raised:
+        exc = raised
     assert isinstance(exc, Exception)
     error = ews.classify(exc, IMP, "https://ex.test/EWS/Exchange.asmx")
     assert isinstance(error, PermanentError) and not channel_level(error)
-    assert "ErrorMessageSizeExceeded" in error.message
+    assert code in error.message
 
 
 def test_ews_refusals_of_the_login_or_rights_are_channel_level() -> None:
