@@ -138,3 +138,35 @@ def test_canonical_rule_never_moves_an_occurrence(rule: str, end: str, zone: str
     assert canonical_rrule(canonical, start, zone) == canonical  # a fixed point
     after = list(itertools.islice(starts(canonical, start, zone), 60))
     assert after == before
+
+
+@pytest.mark.parametrize(("rule", "day"), [
+    ("FREQ=MONTHLY;BYMONTHDAY=31", 31), ("FREQ=MONTHLY;BYMONTHDAY=30", 30),
+    ("FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=29", 29), ("FREQ=YEARLY;BYMONTH=4;BYMONTHDAY=31", 31),
+])
+def test_days_past_the_shortest_month_are_refused(rule: str, day: int) -> None:
+    """RRULE skips a month without that day; Exchange moves it to the month's last day
+    (DayOfMonth, EWS reference): the two series differ, so the plain rule is refused."""
+    with pytest.raises(Unrepresentable, match=f"no day {day}"):
+        from_rrule(rule, START, BERLIN)
+
+
+def test_exchange_day_31_is_the_months_last_day_exactly() -> None:
+    pattern = Pattern(PatternType.ABSOLUTE_MONTHLY, dt.date(2026, 1, 31), day_of_month=31,
+                      first_day_of_week="monday", count=4)
+    start = dt.datetime(2026, 1, 31, 9, 0, tzinfo=ZoneInfo(BERLIN))
+    rule = to_rrule(pattern, start, BERLIN)
+    assert rule == "FREQ=MONTHLY;BYMONTHDAY=28,29,30,31;BYSETPOS=-1;COUNT=4"
+    assert [s.date() for s in starts(rule, start, BERLIN) if isinstance(s, dt.datetime)] == [
+        dt.date(2026, 1, 31), dt.date(2026, 2, 28), dt.date(2026, 3, 31), dt.date(2026, 4, 30)]
+    assert from_rrule(rule, start, BERLIN) == pattern
+    feb = Pattern(PatternType.ABSOLUTE_YEARLY, dt.date(2028, 2, 29), day_of_month=29, month=2,
+                  first_day_of_week="monday")
+    leap = dt.datetime(2028, 2, 29, 9, 0, tzinfo=ZoneInfo(BERLIN))
+    text = to_rrule(feb, leap, BERLIN)
+    assert text == "FREQ=YEARLY;BYMONTHDAY=28,29;BYSETPOS=-1;BYMONTH=2"
+    assert [s.date() for s in itertools.islice(starts(text, leap, BERLIN), 2)
+            if isinstance(s, dt.datetime)] == [dt.date(2028, 2, 29), dt.date(2029, 2, 28)]
+    assert canonical_rrule(text, leap, BERLIN) == text
+    with pytest.raises(Unrepresentable, match="BYSETPOS"):
+        from_rrule("FREQ=MONTHLY;BYMONTHDAY=29,30;BYSETPOS=-1", START, BERLIN)

@@ -259,13 +259,20 @@ def from_rrule(rule: str, start: dt.datetime | dt.date, zone: str = "UTC") -> Pa
                            else PatternType.RELATIVE_MONTHLY,
                            days_of_week=days, index=_INDEX_IN[ordinal], month=month)
         if setpos:
-            raise Unrepresentable(f"RRULE {rule!r}: BYSETPOS without BYDAY")
-        if bymonthday and "," in bymonthday:
-            raise Unrepresentable(f"RRULE {rule!r}: several days of the month")
-        day_of_month = _int(parts, "BYMONTHDAY", rule, day.day)
-        if not 1 <= day_of_month <= 31:
-            raise Unrepresentable(f"RRULE {rule!r}: Exchange counts days of the month from "
-                                  "the start (1 to 31)")
+            day_of_month = _clamped_day(parts, rule)
+        else:
+            if bymonthday and "," in bymonthday:
+                raise Unrepresentable(f"RRULE {rule!r}: several days of the month")
+            day_of_month = _int(parts, "BYMONTHDAY", rule, day.day)
+            if not 1 <= day_of_month <= 31:
+                raise Unrepresentable(f"RRULE {rule!r}: Exchange counts days of the month "
+                                      "from the start (1 to 31)")
+            if day_of_month > _shortest(month):
+                raise Unrepresentable(
+                    f"RRULE {rule!r}: RRULE skips the months that have no day {day_of_month}, "
+                    "Exchange moves them to the month's last day (say "
+                    f"BYMONTHDAY={','.join(map(str, range(28, day_of_month + 1)))};BYSETPOS=-1 "
+                    "for Exchange's meaning)")
         return replace(base, type=PatternType.ABSOLUTE_YEARLY if yearly
                        else PatternType.ABSOLUTE_MONTHLY, day_of_month=day_of_month, month=month)
     raise Unrepresentable(f"RRULE {rule!r}: Exchange repeats daily, weekly, monthly or yearly")
@@ -291,7 +298,13 @@ def to_rrule(pattern: Pattern, start: dt.datetime | dt.date, zone: str = "UTC") 
             parts.append("BYDAY=" + ",".join(days))
             parts.append(f"BYSETPOS={_INDEX_OUT[pattern.index]}")
     elif pattern.type in (PatternType.ABSOLUTE_MONTHLY, PatternType.ABSOLUTE_YEARLY):
-        parts.append(f"BYMONTHDAY={pattern.day_of_month}")
+        if pattern.day_of_month > _shortest(pattern.month):
+            # Exchange's day 29-31 falls on the last day of a shorter month: the last of
+            # the days 28..N that the month has
+            days_text = ",".join(str(d) for d in range(28, pattern.day_of_month + 1))
+            parts.append(f"BYMONTHDAY={days_text};BYSETPOS=-1")
+        else:
+            parts.append(f"BYMONTHDAY={pattern.day_of_month}")
     if pattern.type in (PatternType.ABSOLUTE_YEARLY, PatternType.RELATIVE_YEARLY):
         parts.append(f"BYMONTH={pattern.month}")
     if pattern.type is PatternType.WEEKLY and pattern.first_day_of_week != "monday":
@@ -301,6 +314,25 @@ def to_rrule(pattern: Pattern, start: dt.datetime | dt.date, zone: str = "UTC") 
     elif pattern.end is not None:
         parts.append(f"UNTIL={_until_text(pattern.end, start, zone)}")
     return ";".join(parts)
+
+
+def _shortest(month: int) -> int:
+    """The fewest days ``month`` has (0: any month, as in a monthly rule)."""
+    return {0: 28, 2: 28, 4: 30, 6: 30, 9: 30, 11: 30}.get(month, 31)
+
+
+def _clamped_day(parts: dict[str, str], rule: str) -> int:
+    """Exchange's day N of the month, "or the month's last day when it is shorter", as RRULE
+    says it exactly: ``BYMONTHDAY=28,...,N;BYSETPOS=-1`` (the last of those the month has)."""
+    try:
+        days = sorted(int(d) for d in parts.get("BYMONTHDAY", "").split(","))
+    except ValueError:
+        days = []
+    if parts.get("BYSETPOS") != "-1" or not days or days != list(range(28, days[-1] + 1)) \
+            or not 29 <= days[-1] <= 31:
+        raise Unrepresentable(f"RRULE {rule!r}: BYSETPOS with days of the month other than "
+                              "28,...,N;BYSETPOS=-1 (day N or the month's last day)")
+    return days[-1]
 
 
 _FREQ = {PatternType.DAILY: "DAILY", PatternType.WEEKLY: "WEEKLY",
