@@ -193,7 +193,8 @@ def status_cell(mailbox: Mailbox, name: str) -> str:
 
 def show_profile(profile: Profile) -> dict[str, Any]:
     data = plain(profile)
-    for name in ("service_secret", "outgoing_service_secret", "client_secret"):
+    for name in ("service_secret", "outgoing_service_secret", "client_secret",
+                 "client_certificate"):
         data[name] = "set" if getattr(profile, name) is not None else "not set"
     return dict(data)
 
@@ -369,7 +370,8 @@ def _profile_options(kind: ServerKind | None, incoming_host: str | None,
                      service_user: str | None, service_secret_env: str | None,
                      service_secret_stdin: bool, use_impersonation: bool | None,
                      scope: list[str] | None, dav_url: str | None, ca_file: str | None,
-                     sets: list[str] | None) -> ProfileOpts:
+                     sets: list[str] | None, client_certificate_file: Path | None = None,
+                     ) -> ProfileOpts:
     changes: ProfileOpts = parse_sets(sets or [])
     for key, value in (("kind", kind), ("credential_source", credential_source),
                        ("service_user", service_user), ("use_impersonation", use_impersonation),
@@ -383,6 +385,13 @@ def _profile_options(kind: ServerKind | None, incoming_host: str | None,
     secret = read_secret(service_secret_env, service_secret_stdin, "service_secret")
     if secret is not None:
         changes["service_secret"] = secret.reveal()
+    if client_certificate_file is not None:
+        # A PEM spans many lines (no --…-stdin); the path on the command line is no secret.
+        try:
+            changes["client_certificate"] = client_certificate_file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(ConfigError("client_certificate", f"cannot read {client_certificate_file} "
+                             f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})"))
     return changes
 
 
@@ -405,6 +414,9 @@ DavOpt = Annotated[str | None, typer.Option(help="CalDAV/CardDAV root URL (ACT o
 CaOpt = Annotated[str | None, typer.Option(help="Extra CA certificate (PEM) to trust.")]
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Any other profile field as KEY=VALUE (repeat).")]
+CertOpt = Annotated[Path | None, typer.Option(
+    help="exchange-online: PEM file with the app's certificate and private key (replaces "
+         "client_secret).")]
 
 
 @profile_app.command("create")
@@ -416,12 +428,13 @@ def profile_create(name: str, kind: KindOpt = None, incoming_host: HostOpt = Non
                    service_secret_stdin: SecretStdinOpt = False,
                    use_impersonation: ImpOpt = None, scope: ScopeOpt = None,
                    dav_url: DavOpt = None, ca_file: CaOpt = None, sets: SetOpt = None,
-                   as_json: JsonOpt = False) -> None:
+                   client_certificate_file: CertOpt = None, as_json: JsonOpt = False) -> None:
     """Create a profile."""
     data = {"name": name, **_profile_options(
         kind, incoming_host, incoming_port, incoming_tls, outgoing_host, outgoing_port,
         outgoing_tls, credential_source, service_user, service_secret_env,
-        service_secret_stdin, use_impersonation, scope, dav_url, ca_file, sets)}
+        service_secret_stdin, use_impersonation, scope, dav_url, ca_file, sets,
+        client_certificate_file)}
     spec: ProfileSpec = _checked(lambda: validate(ProfileSpec, data))
     profile = run(lambda s: s.create_profile(spec))
     _done("created", profile, as_json)
@@ -436,12 +449,13 @@ def profile_update(name: str, kind: KindOpt = None, incoming_host: HostOpt = Non
                    service_secret_stdin: SecretStdinOpt = False,
                    use_impersonation: ImpOpt = None, scope: ScopeOpt = None,
                    dav_url: DavOpt = None, ca_file: CaOpt = None, sets: SetOpt = None,
-                   as_json: JsonOpt = False) -> None:
+                   client_certificate_file: CertOpt = None, as_json: JsonOpt = False) -> None:
     """Change some fields of a profile; the rest keep their values."""
     changes = _profile_options(
         kind, incoming_host, incoming_port, incoming_tls, outgoing_host, outgoing_port,
         outgoing_tls, credential_source, service_user, service_secret_env,
-        service_secret_stdin, use_impersonation, scope, dav_url, ca_file, sets)
+        service_secret_stdin, use_impersonation, scope, dav_url, ca_file, sets,
+        client_certificate_file)
     profile = run(lambda s: s.update_profile(name, changes))
     _done("updated", profile, as_json)
 

@@ -18,8 +18,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from serversync.connectors import certificates
 from serversync.core import rules
-from serversync.core.errors import ConfigError
+from serversync.core.errors import AuthError, ConfigError
 from serversync.core.model import (
     AfterProcessing,
     ApprovalStatus,
@@ -108,6 +109,7 @@ class ProfileSpec(Spec):
     tenant_id: str | None = None
     client_id: str | None = None
     client_secret: SecretInput | None = None
+    client_certificate: SecretInput | None = None  # PEM certificate + key (exchange-online)
     token_url: str | None = None
     api_url: str | None = None
     shared_namespace: str = "shared/{user}/"
@@ -132,10 +134,15 @@ class ProfileSpec(Spec):
             raise ValueError(exc.message.lstrip(": ")) from None
 
     def to_core(self, existing: Profile | None = None) -> Profile:
-        """The profile this spec describes; secrets left out keep their stored values."""
-        def secret(name: str) -> Secret | None:
+        """The profile this spec describes; secrets left out keep their stored values.
+
+        The app credential is one of two (``client_secret`` or ``client_certificate``):
+        giving one replaces the stored other, so switching needs no way to erase a secret.
+        """
+        def secret(name: str, *, replaced_by: str | None = None) -> Secret | None:
             given = resolve_secret(getattr(self, name), name)
-            if given is None and existing is not None:
+            if given is None and existing is not None and (
+                    replaced_by is None or getattr(self, replaced_by) is None):
                 return getattr(existing, name)  # type: ignore[no-any-return]
             return given
         values: dict[str, Any] = {f: getattr(self, f) for f in type(self).model_fields}
@@ -144,13 +151,24 @@ class ProfileSpec(Spec):
             outgoing=self.outgoing.to_core() if self.outgoing else None,
             service_secret=secret("service_secret"),
             outgoing_service_secret=secret("outgoing_service_secret"),
-            client_secret=secret("client_secret"),
+            client_secret=secret("client_secret", replaced_by="client_certificate"),
+            client_certificate=secret("client_certificate", replaced_by="client_secret"),
             impersonation_scope=tuple(self.impersonation_scope),
             process_email_from=_utc(self.process_email_from),
             id=existing.id if existing else None)
         profile = Profile(**values)
         rules.validate_profile(profile)
+        if self.client_certificate is not None and profile.client_certificate:
+            _check_certificate(profile.client_certificate)
         return profile
+
+
+def _check_certificate(pem: Secret) -> None:
+    """A newly given certificate must be usable now: readable, with its key, in validity."""
+    try:
+        certificates.load(pem.reveal()).check_valid()
+    except AuthError as exc:  # expired or not yet valid: refuse to store it
+        raise ConfigError("client_certificate", exc.message, fix=exc.fix) from None
 
 
 def profile_to_spec(profile: Profile) -> dict[str, Any]:

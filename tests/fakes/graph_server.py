@@ -5,7 +5,14 @@ identity platform references (see ``tests/fixtures/graph/*.json``, each naming i
 
 * ``POST /{tenant}/oauth2/v2.0/token`` — client credentials; a wrong secret answers
   ``invalid_client`` with ``AADSTS7000215``, an unknown app ``unauthorized_client`` with
-  ``AADSTS700016``; tokens are JWT-shaped with the app's ``roles`` and can be expired;
+  ``AADSTS700016``; tokens are JWT-shaped with the app's ``roles`` and can be expired.
+  Certificate credentials (``client_assertion``): the assertion's ``x5t#S256`` must name a
+  certificate registered for the app, its signature (PS256 or RS256) must verify with that
+  certificate's key (checked by PyJWT, independently of our signing code) and its claims
+  must be ``aud`` = this token endpoint, ``iss`` = ``sub`` = the client id, with ``jti``,
+  ``nbf``, ``iat`` and ``exp``; refusals carry AADSTS700027 (unknown key, bad signature,
+  expired registered certificate), AADSTS700024 (outside its time range, e.g. clock skew)
+  and AADSTS700023 (audience);
 * mail folders, ``messages/delta`` (nextLink/deltaLink, ``Prefer: odata.maxpagesize``),
   ``messages/{id}/$value``, ``sendMail`` (base64 MIME; the Sent Items copy carries the MIME's
   Message-ID as ``internetMessageId``), ``mailFolders/{id}/messages?$filter=internetMessageId
@@ -25,6 +32,7 @@ import datetime as dt
 import email.parser
 import email.policy
 import email.utils
+import hashlib
 import itertools
 import json
 import threading
@@ -33,11 +41,18 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from tests.fakes.loopback import LoopbackServer, Recorded, Reply
 
 ROLES_ALL = frozenset({"Mail.ReadWrite", "Mail.Send", "Calendars.ReadWrite",
                        "Contacts.ReadWrite", "Tasks.ReadWrite.All"})
 MAX_SUBSCRIPTION = dt.timedelta(minutes=4230)
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ASSERTION_CLAIMS = ("aud", "iss", "sub", "jti", "nbf", "exp", "iat")
+CLOCK_SKEW_S = 300  # tolerance the fake allows on nbf/exp
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -47,8 +62,15 @@ def _b64(data: dict[str, Any]) -> str:
 @dataclass
 class App:
     client_id: str
-    secret: str
+    secret: str | None
     roles: set[str] = field(default_factory=lambda: set(ROLES_ALL))
+    # keyCredentials: uploaded certificates (public part), by x5t#S256 thumbprint
+    certificates: dict[str, x509.Certificate] = field(default_factory=dict)
+
+
+def x5t_s256(certificate: x509.Certificate) -> str:
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
 
 
 @dataclass
@@ -81,6 +103,9 @@ class GraphServer:
         self.throttle_for: dict[str, list[float]] = {}
         self.invalid_recipients: set[str] = set()  # sendMail to these: ErrorInvalidRecipients
         self.token_lifetime = 3600
+        self.clock_skew = 0.0  # seconds the token endpoint's clock is ahead of ours
+        # verified client assertions: (header, claims), in arrival order
+        self.assertions: list[tuple[dict[str, Any], dict[str, Any]]] = []
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.sent: list[tuple[str, bytes]] = []
         self._ids = itertools.count(1)
@@ -109,10 +134,17 @@ class GraphServer:
     def stop(self) -> None:
         self.http.stop()
 
-    def add_app(self, client_id: str, secret: str, roles: set[str] | None = None) -> App:
+    def add_app(self, client_id: str, secret: str | None,
+                roles: set[str] | None = None) -> App:
         app = App(client_id, secret, set(ROLES_ALL) if roles is None else roles)
         self.apps[client_id] = app
         return app
+
+    def register_certificate(self, client_id: str, certificate: x509.Certificate) -> str:
+        """Upload a certificate's public part to the app (Certificates & secrets)."""
+        thumbprint = x5t_s256(certificate)
+        self.apps[client_id].certificates[thumbprint] = certificate
+        return thumbprint
 
     def add_user(self, address: str, *, licensed: bool = True) -> User:
         user = self.users.setdefault(address, User(address, licensed))
@@ -202,7 +234,11 @@ class GraphServer:
                                "error_description": "AADSTS700016: Application with "
                                f"identifier '{form.get('client_id')}' was not found in the "
                                f"directory '{self.tenant}'."})
-        if form.get("client_secret") != app.secret:
+        if "client_assertion" in form or "client_assertion_type" in form:
+            refused = self._check_assertion(app, form)
+            if refused is not None:
+                return refused
+        elif app.secret is None or form.get("client_secret") != app.secret:
             return _json(401, {"error": "invalid_client", "error_codes": [7000215],
                                "error_description": "AADSTS7000215: Invalid client secret "
                                "provided. Ensure the secret being sent in the request is the "
@@ -217,6 +253,60 @@ class GraphServer:
         self.tokens[token] = (app.client_id, expires)
         return _json(200, {"token_type": "Bearer", "expires_in": self.token_lifetime,
                            "ext_expires_in": self.token_lifetime, "access_token": token})
+
+    def _check_assertion(self, app: App, form: dict[str, str]) -> Reply | None:
+        """Verify a certificate credential as the identity platform documents it."""
+        def refuse(code: int, text: str, status: int = 401,
+                   error: str = "invalid_client") -> Reply:
+            return _json(status, {"error": error, "error_codes": [code],
+                                  "error_description": f"AADSTS{code}: {text}\r\nTrace ID: "
+                                  "fake\r\nCorrelation ID: fake\r\nTimestamp: fake"})
+        if "client_secret" in form:
+            return _json(400, {"error": "invalid_request", "error_description":
+                               "only one client credential may be presented"})
+        if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+            return _json(400, {"error": "invalid_request", "error_description":
+                               "client_assertion_type must be " + CLIENT_ASSERTION_TYPE})
+        assertion = form.get("client_assertion", "")
+        try:
+            header = jwt.get_unverified_header(assertion)
+        except jwt.DecodeError:
+            return refuse(50027, "JWT token is invalid or malformed.", 400, "invalid_request")
+        thumbprint = str(header.get("x5t#S256", ""))
+        certificate = app.certificates.get(thumbprint)
+        if certificate is None:
+            return refuse(700027, "Client assertion contains an invalid signature. [Reason - "
+                          f"The key was not found., Thumbprint of key used by client: "
+                          f"'{thumbprint}']")
+        now = time.time() + self.clock_skew
+        if certificate.not_valid_after_utc.timestamp() <= now:
+            return refuse(700027, "Client assertion contains an invalid signature. [Reason - "
+                          f"The key used is expired., Thumbprint of key used by client: "
+                          f"'{thumbprint}']")
+        try:
+            claims = jwt.decode(assertion, certificate.public_key(),
+                                algorithms=["PS256", "RS256"], audience=self.token_url,
+                                options={"require": list(ASSERTION_CLAIMS),
+                                         "verify_exp": False, "verify_nbf": False,
+                                         "verify_iat": False})
+        except jwt.InvalidSignatureError:
+            return refuse(700027, "Client assertion failed signature validation.")
+        except jwt.InvalidAudienceError:
+            return refuse(700023, "Client assertion audience claim does not match Realm "
+                          "issuer.")
+        except jwt.InvalidTokenError as exc:
+            return refuse(50027, f"JWT token is invalid or malformed ({exc}).", 400,
+                          "invalid_request")
+        if claims["iss"] != app.client_id or claims["sub"] != app.client_id:
+            return refuse(700021, "Client assertion application identifier doesn't match "
+                          "'client_id' parameter.")
+        if not claims["nbf"] - CLOCK_SKEW_S <= now < claims["exp"] + CLOCK_SKEW_S:
+            return refuse(700024, "Client assertion is not within its valid time range. "
+                          f"Current time: {_stamp(now)}, assertion valid from "
+                          f"{_stamp(claims['nbf'])}, expiry time of assertion "
+                          f"{_stamp(claims['exp'])}.")
+        self.assertions.append((header, claims))
+        return None
 
     def _bearer(self, request: Recorded) -> App | Reply:
         header = request.headers.get("authorization", "")
@@ -462,6 +552,10 @@ class GraphServer:
                 del self.subscriptions[rest[0]]
                 return Reply(204)
         return _json(404, _err("ResourceNotFound", "The object was not found."))
+
+
+def _stamp(seconds: float) -> str:
+    return f"{dt.datetime.fromtimestamp(seconds, dt.UTC):%Y-%m-%dT%H:%M:%S}.0000000Z"
 
 
 def _message_view(item: dict[str, Any]) -> dict[str, Any]:

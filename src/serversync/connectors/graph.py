@@ -22,8 +22,8 @@ Throttling: 429, 503 and 504 carry ``Retry-After``; short waits are honoured in 
 to ``max_wait``), longer ones become a `TransientError` with ``retry_after`` so the runtime
 backs the mailbox off. An expired token (401) is refreshed once.
 
-No secret is ever put in a URL (tokens go in the Authorization header, the client secret in
-the token request's POST body) or in an error message.
+No secret is ever put in a URL (tokens go in the Authorization header, the client secret or
+the signed client assertion in the token request's POST body) or in an error message.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 
 import httpx
 
+from serversync.connectors import certificates
 from serversync.connectors.net import ConnectOptions, tls_context, translate
 from serversync.connectors.oauth import AccessToken, TokenCache, retry_after
 from serversync.connectors.protocols import (
@@ -185,12 +186,30 @@ class GraphClient:
         key = self._token_key()
         if force:
             self.tokens.forget(key)
-        secret = self.login.secret.reveal() if self.login.secret else ""
-        form = {"grant_type": "client_credentials", "client_id": self.profile.client_id or "",
-                "client_secret": secret, "scope": SCOPE}
-        self.token = await self.tokens.get(key, self._http, token_url(self.profile), form,
+        self.token = await self.tokens.get(key, self._http, token_url(self.profile),
+                                           self._token_form,
                                            what=f"Graph token for profile {self.profile.name!r}")
         return self.token
+
+    def _token_form(self) -> dict[str, str]:
+        """The client-credentials request: the client secret, or a client assertion signed
+        with the profile's certificate (refused here, before sending, if it is not valid now)."""
+        client_id = self.profile.client_id or ""
+        form = {"grant_type": "client_credentials", "client_id": client_id}
+        if self.profile.client_certificate:
+            certificate = self.certificate()
+            certificate.check_valid()
+            form["client_assertion_type"] = certificates.CLIENT_ASSERTION_TYPE
+            form["client_assertion"] = certificate.assertion(client_id, token_url(self.profile))
+        else:
+            form["client_secret"] = self.login.secret.reveal() if self.login.secret else ""
+        form["scope"] = SCOPE
+        return form
+
+    def certificate(self) -> certificates.ClientCertificate:
+        """The profile's client certificate (the profile must have one)."""
+        assert self.profile.client_certificate is not None
+        return certificates.load(self.profile.client_certificate.reveal())
 
     def _url(self, path_or_url: str) -> str:
         if path_or_url.startswith(("http://", "https://")):
@@ -253,8 +272,8 @@ class GraphClient:
         who = f"app {self.profile.client_id}"
         if status == 401:
             return AuthError(f"Graph rejected the access token of {who} ({code or status})",
-                             fix="check the app registration's secret and that the tenant "
-                                 "granted admin consent", code="token-rejected")
+                             fix="check the app registration's secret or certificate and that "
+                                 "the tenant granted admin consent", code="token-rejected")
         if status == 403:
             need = f" the application permission {role}" if role else " permission"
             return AuthError(
@@ -521,8 +540,9 @@ async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Log
                                 params={"$top": "1", "$select": "id"})
             await graph.default_todo_list()
             found = "calendar, contacts and To Do tasks"
-    return ProbeResult(f"Graph {graph.root}: {mailbox.address} as app {profile.client_id}: "
-                       f"{found}")
+    how = f" with {graph.certificate().describe()}" if profile.client_certificate else ""
+    return ProbeResult(f"Graph {graph.root}: {mailbox.address} as app {profile.client_id}"
+                       f"{how}: {found}")
 
 
 # ---------------------------------------------------------------- incoming mail source

@@ -1,8 +1,10 @@
 """OAuth 2.0 access tokens for server-to-server connectors (RFC 6749 §4.4, RFC 7523).
 
-Two grants, both a form POST to a token endpoint over TLS:
+Three grants, each a form POST to a token endpoint over TLS:
 
-* client credentials (RFC 6749 §4.4) — Microsoft identity platform app-only tokens for Graph;
+* client credentials (RFC 6749 §4.4) — Microsoft identity platform app-only tokens for Graph,
+  authenticated by a client secret or by a certificate's signed client assertion (RFC 7523
+  §2.2, `connectors.certificates`);
 * JWT bearer assertion (RFC 7523 §2.1) — a Google service account with domain-wide
   delegation, ``sub`` naming the user to act as (`connectors.gmail` signs the assertion);
 * refresh token (RFC 6749 §6) — per-mailbox consent (3-legged OAuth).
@@ -24,7 +26,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +82,16 @@ _AADSTS: dict[str, tuple[str, str]] = {
                 "app registration (Certificates & secrets) and update client_secret"),
     "7000222": ("client-secret-expired", "the client secret has expired: create a new secret "
                 "in the app registration and update client_secret"),
+    # Certificate credentials (client assertions).
+    "700027": ("bad-client-certificate", "Microsoft could not verify the client assertion's "
+               "signature with any certificate of the app registration: upload this "
+               "certificate's public part there (Certificates & secrets → Certificates), or set "
+               "client_certificate to a certificate and key that are registered"),
+    "700024": ("client-assertion-expired", "the signed client assertion is outside its valid "
+               "time range: serversync signs each one for 10 minutes from now, so this "
+               "server's clock is wrong; synchronise it (NTP)"),
+    "700023": ("client-assertion-audience", "the client assertion's audience is not this "
+               "tenant's token endpoint: check tenant_id and token_url"),
     "700016": ("app-not-found", "no application with this client_id exists in the tenant: "
                "check client_id and tenant_id, and that admin consent was granted there"),
     "90002": ("tenant-not-found", "the tenant does not exist: check tenant_id"),
@@ -107,6 +119,11 @@ def classify_token_error(status: int, body: bytes, *, what: str,
     for code in codes:
         if code in _AADSTS:
             name, fix = _AADSTS[code]
+            if code == "700027" and "expired" in description.lower():
+                # "[Reason - The key used is expired.]": the registered certificate lapsed
+                name, fix = "client-certificate-expired", (
+                    "the certificate registered for the app has expired: upload a new "
+                    "certificate to the app registration and update client_certificate")
             return AuthError(f"{what}: the token endpoint refused the app (AADSTS{code}: "
                              f"{error})", fix=fix, code=name)
     if status == 429 or status >= 500 or error == "temporarily_unavailable":
@@ -120,7 +137,8 @@ def classify_token_error(status: int, body: bytes, *, what: str,
                          code="delegation-not-granted")
     if error == "invalid_client":
         return AuthError(f"{what}: the client credentials were rejected ({error})",
-                         fix="check client_id and client_secret (or the service account key)",
+                         fix="check client_id and client_secret (or client_certificate, or "
+                             "the service account key)",
                          code="bad-client-secret")
     if error == "invalid_grant":
         lowered = description.lower()
@@ -186,7 +204,10 @@ class TokenCache:
         self._tokens.pop(key, None)
 
     async def get(self, key: tuple[str, ...], http: httpx.AsyncClient, url: str,
-                  form: Mapping[str, str], *, what: str) -> AccessToken:
+                  form: Mapping[str, str] | Callable[[], Mapping[str, str]], *,
+                  what: str) -> AccessToken:
+        """The cached token, or a new one. ``form`` may be a function, called only when a
+        token is requested (a client assertion is signed per request, not per API call)."""
         token = self._tokens.get(key)
         if token is not None and token.fresh():
             return token
@@ -194,6 +215,7 @@ class TokenCache:
         async with lock:
             token = self._tokens.get(key)
             if token is None or not token.fresh():
-                token = await request_token(http, url, form, what=what)
+                fields = form() if callable(form) else form
+                token = await request_token(http, url, fields, what=what)
                 self._tokens[key] = token
             return token

@@ -170,6 +170,9 @@ class Profile:
     tenant_id: str | None = None  # exchange-online
     client_id: str | None = None  # OAuth application id (exchange-online, gmail)
     client_secret: Secret | None = None
+    # exchange-online: PEM certificate + RSA private key for a signed client assertion,
+    # instead of client_secret (exactly one of the two; see core.rules.validate_profile)
+    client_certificate: Secret | None = None
     token_url: str | None = None  # override of the OAuth token endpoint (tests, sovereign clouds)
     api_url: str | None = None  # override of the Graph / Gmail API root
     shared_namespace: str = "shared/{user}/"  # IMAP delegation: where a delegate sees the user

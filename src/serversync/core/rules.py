@@ -181,6 +181,28 @@ def _check_endpoint(field: str, endpoint: Endpoint, allow_plaintext: bool) -> No
                 "allow_plaintext: true on the profile to opt in explicitly")
 
 
+def _check_app_credentials(profile: Profile) -> None:
+    """tenant_id (Exchange Online), client_id, and exactly one client credential.
+
+    Microsoft's identity platform accepts a client secret or a certificate (a signed client
+    assertion); sending both is ambiguous, so a profile holds one or the other.
+    """
+    online = profile.kind is ServerKind.EXCHANGE_ONLINE
+    if online and not profile.tenant_id:
+        raise ConfigError("tenant_id", "is required for app (server-to-server) credentials")
+    if not profile.client_id:
+        raise ConfigError("client_id", "is required for app (server-to-server) credentials")
+    has_secret, has_certificate = bool(profile.client_secret), bool(profile.client_certificate)
+    if online and has_secret and has_certificate:
+        raise ConfigError("client_certificate", "give either client_secret or "
+                          "client_certificate, not both",
+                          fix="remove one of them (the certificate is the stronger credential)")
+    if not has_secret and not (online and has_certificate):
+        raise ConfigError("client_secret",
+                          "is required for app (server-to-server) credentials"
+                          + (" (or client_certificate)" if online else ""))
+
+
 def validate_profile(profile: Profile) -> None:
     """Raise the first problem with a profile on its own (mailboxes are checked separately)."""
     if not profile.name.strip():
@@ -211,22 +233,24 @@ def validate_profile(profile: Profile) -> None:
             raise RuleViolation(
                 f"profile {profile.name!r}: Exchange Online authenticates server to server "
                 f"(app-only OAuth); credential source {source.value!r} is not supported",
-                fix="set credential_source: app with tenant_id, client_id and client_secret",
-                code="app-only")
+                fix="set credential_source: app with tenant_id, client_id and client_secret "
+                    "(or client_certificate)", code="app-only")
         if profile.service_secret is not None or profile.service_user:
             raise RuleViolation(
                 f"profile {profile.name!r}: an Exchange Online profile has no service account "
                 "password; remove service_user and service_secret",
-                fix="use the app registration's client_id and client_secret", code="app-only")
+                fix="use the app registration's client_id and client_secret (or "
+                    "client_certificate)", code="app-only")
+    if profile.client_certificate and (
+            profile.kind is not ServerKind.EXCHANGE_ONLINE or source is not CredentialSource.APP):
+        raise ConfigError("client_certificate",
+                          "is only used by exchange-online profiles with credential_source: app",
+                          fix="remove it (a Gmail service account's key goes in client_secret)")
     if source is CredentialSource.APP:
         if profile.kind not in (ServerKind.EXCHANGE_ONLINE, ServerKind.GMAIL):
             raise ConfigError("credential_source",
                               f"'app' is for exchange-online and gmail, not {profile.kind}")
-        missing = [f for f in ("client_id", "client_secret") if not getattr(profile, f)]
-        if profile.kind is ServerKind.EXCHANGE_ONLINE and not profile.tenant_id:
-            missing.insert(0, "tenant_id")
-        if missing:
-            raise ConfigError(missing[0], "is required for app (server-to-server) credentials")
+        _check_app_credentials(profile)
     if source is CredentialSource.PROFILE:
         if not profile.service_user:
             raise ConfigError("service_user", "is required when credentials are in the profile")

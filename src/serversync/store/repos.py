@@ -53,7 +53,8 @@ from serversync.store.tables import (
 
 E = TypeVar("E", bound=enum.Enum)
 
-PROFILE_SECRETS = ("service_secret", "outgoing_service_secret", "client_secret")
+PROFILE_SECRETS = ("service_secret", "outgoing_service_secret", "client_secret",
+                   "client_certificate")
 _PROFILE_ENUMS: dict[str, type[enum.Enum]] = {
     "kind": ServerKind, "credential_source": CredentialSource,
     "impersonation_method": ImpersonationMethod, "outgoing_credential_source": CredentialSource,

@@ -76,6 +76,7 @@ class ProfileRow(Timestamped, Base):
     tenant_id: Mapped[str | None] = mapped_column(String(64))
     client_id: Mapped[str | None] = mapped_column(String(255))
     client_secret: Mapped[str | None] = mapped_column(Text)
+    client_certificate: Mapped[str | None] = mapped_column(Text)  # migration 0012
     token_url: Mapped[str | None] = mapped_column(Text)
     api_url: Mapped[str | None] = mapped_column(Text)
     shared_namespace: Mapped[str] = mapped_column(String(255), default="shared/{user}/")
@@ -181,6 +182,7 @@ class SettingRow(Base):
 # Every column that holds `store.crypto` ciphertext, for `serversync rotate-key`. Table
 # modules added later register theirs here too.
 SECRET_COLUMNS: dict[type[Base], tuple[str, ...]] = {
-    ProfileRow: ("service_secret", "outgoing_service_secret", "client_secret"),
+    ProfileRow: ("service_secret", "outgoing_service_secret", "client_secret",
+                 "client_certificate"),
     MailboxRow: ("secret",),
 }

@@ -25,7 +25,8 @@ from serversync.manifest import ProfileSpec, profile_to_spec
 from serversync.services import ChannelResult, TestReport
 
 SecretState = Literal["set", "not set"]
-PROFILE_SECRETS = ("service_secret", "outgoing_service_secret", "client_secret")
+PROFILE_SECRETS = ("service_secret", "outgoing_service_secret", "client_secret",
+                   "client_certificate")
 
 
 def secret_state(value: Secret | None) -> SecretState:
