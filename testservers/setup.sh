@@ -60,7 +60,7 @@ fi
 chmod 600 "$key"; chmod 644 "$cert"
 
 # Postfix: the config dir must hold only root-owned files; queue and data dirs live outside it
-for f in main.cf master.cf vmailbox virtual_alias.regexp sender_login_maps.regexp; do
+for f in main.cf master.cf vmailbox virtual_alias.regexp sender_login_maps.regexp defer_recipients.regexp; do
   sub "$HERE/postfix/$f" "$POSTFIX_DIR/$f"
 done
 [ -z "$bench_boxes" ] || printf '%s\n' "$bench_boxes" >> "$POSTFIX_DIR/vmailbox"
