@@ -22,6 +22,11 @@ thread's.
 
 TLS: exchangelib's HTTP adapter is process-wide, so `_TrustAdapter` looks up the profile's
 extra CA per endpoint; plain ``http://`` EWS URLs need the profile's ``allow_plaintext``.
+
+Without a fixed ``ews_url`` the EWS URL is found by autodiscover — ours, in
+`connectors.ews_discover` (verified TLS only, redirects kept inside the mailbox's domain, the
+answer remembered in memory per profile and domain), never exchangelib's, which keeps a cache
+file in the temp directory and follows redirects to any domain.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from exchangelib.protocol import BaseProtocol
 from exchangelib.services import CreateItem, SyncFolderItems
 from exchangelib.version import EXCHANGE_2013_SP1
 
+from serversync.connectors import ews_discover
 from serversync.connectors.net import ConnectOptions, translate
 from serversync.connectors.protocols import (
     Disposition,
@@ -222,6 +228,12 @@ def login_name(login: Login) -> str:
 
 # ---------------------------------------------------------------- errors
 
+def auth_fix(login: Login) -> str:
+    """What to change when the server refuses the login (401)."""
+    return ("update the mailbox's username and secret" if login.mode is AccessMode.OWN
+            else "update the profile's service_user and service_secret")
+
+
 def classify(exc: BaseException, login: Login, where: str) -> SyncError:
     """Map an exchangelib failure to a typed error that says what to fix."""
     who, target = login_name(login), login.target
@@ -262,10 +274,8 @@ def classify(exc: BaseException, login: Login, where: str) -> SyncError:
                               fix="grant Send As or Send on Behalf on the mailbox, or use "
                                   "impersonation", code="send-as-denied")
     if isinstance(exc, ews_errors.UnauthorizedError):
-        fix = ("update the mailbox's username and secret" if login.mode is AccessMode.OWN
-               else "update the profile's service_user and service_secret")
-        return AuthError(f"EWS at {where}: login of {who} was rejected (401)", fix=fix,
-                         code="auth-failed")
+        return AuthError(f"EWS at {where}: login of {who} was rejected (401)",
+                         fix=auth_fix(login), code="auth-failed")
     if isinstance(exc, ews_errors.ErrorInvalidSyncStateData):
         return StaleCursor(f"EWS at {where}: the server no longer accepts the sync state of "
                            f"{target}", fix="nothing to do: the folder is synced again from "
@@ -285,10 +295,6 @@ def classify(exc: BaseException, login: Login, where: str) -> SyncError:
     if isinstance(exc, ews_errors.ErrorSubmissionQuotaExceeded):
         return TransientError(f"EWS at {where}: {target} reached its sending quota",
                               fix="the message is sent again later", code="send-quota")
-    if isinstance(exc, ews_errors.AutoDiscoverFailed):
-        return PermanentError(f"EWS autodiscover found no server for {target} ({exc})",
-                              fix="set ews_url on the profile (https://<host>/EWS/Exchange.asmx)",
-                              code="autodiscover-failed")
     if isinstance(exc, requests.exceptions.SSLError):
         inner = exc.__context__ or (exc.args[0] if exc.args else exc)
         while isinstance(inner, BaseException) and not isinstance(inner, OSError) \
@@ -316,16 +322,32 @@ def classify(exc: BaseException, login: Login, where: str) -> SyncError:
 # ---------------------------------------------------------------- the session
 
 class EwsMailbox:
-    """One mailbox over EWS. Cheap to build; the first call connects (in a thread)."""
+    """One mailbox over EWS. Cheap to build; the first call connects (in a thread).
 
-    def __init__(self, profile: Profile, login: Login, options: ConnectOptions) -> None:
+    Without a fixed ``ews_url`` the first call autodiscovers the EWS URL through
+    `ews_discover.lookup` (remembered per profile and mail domain; see there why).
+    ``discovery_max_age`` is how old a remembered answer may be: None for sync runs,
+    `ews_discover.PROBE_MAX_AGE_S` for Test & Enable, which should show what autodiscover
+    says now.
+    """
+
+    def __init__(self, profile: Profile, login: Login, options: ConnectOptions, *,
+                 discovery_max_age: float | None = None) -> None:
         self.profile, self.login, self.options = profile, login, options
+        self.discovery_max_age = discovery_max_age
+        self.found: ews_discover.Found | None = None  # the autodiscover answer we use
         self._account: Account | None = None
         self._folders: dict[str, Any] = {}
 
     @property
     def where(self) -> str:
-        return self.profile.ews_url or f"autodiscover:{self.login.target}"
+        if self.profile.ews_url:
+            return self.profile.ews_url
+        return self.found.ews_url if self.found else f"autodiscover:{self.login.target}"
+
+    def _cache_key(self) -> ews_discover.CacheKey:
+        return ews_discover.cache_key(self.profile.name, self.login.target,
+                                      self.options.ca_file, self.profile.allow_plaintext)
 
     async def _run(self, work: Callable[[], T]) -> T:
         def guarded() -> T:
@@ -334,22 +356,38 @@ class EwsMailbox:
             except SyncError:
                 raise
             except Exception as exc:
-                raise classify(exc, self.login, self.where) from None
+                error = classify(exc, self.login, self.where)
+                if self.found is not None and error.code != "throttled":
+                    # the discovered URL may be what is wrong now: discover again next time
+                    ews_discover.forget(self._cache_key(), self.found.ews_url)
+                raise error from None
         return await asyncio.to_thread(guarded)
+
+    def _discover(self, secret: str) -> ews_discover.Found:
+        def discover() -> ews_discover.Found:
+            return ews_discover.Discovery(
+                self.login.target, login_name(self.login), secret,
+                ca_file=self.options.ca_file, allow_plaintext=self.profile.allow_plaintext,
+                timeout=self.options.timeout, auth_fix=auth_fix(self.login)).run()
+        return ews_discover.lookup(self._cache_key(), discover,
+                                   max_age=self.discovery_max_age)
 
     def _connect(self) -> Account:
         if self._account is not None:
             return self._account
         url = check_url(self.profile)
         secret = self.login.secret.reveal() if self.login.secret else ""
+        if url is None:
+            self.found = self._discover(secret)
+            url = self.found.ews_url
         credentials = Credentials(username=login_name(self.login), password=secret)
         config = Configuration(
             service_endpoint=url, credentials=credentials, version=SERVER_VERSION,
             retry_policy=FailFast(), max_connections=self.profile.max_concurrent_connections)
-        _install_adapter(url or "", self.options.ca_file)
+        _install_adapter(url, self.options.ca_file)
         _install_log_redaction()
         account = Account(primary_smtp_address=self.login.target, config=config,
-                          credentials=credentials, autodiscover=url is None,
+                          credentials=credentials, autodiscover=False,
                           access_type=access_type(self.login))
         account.protocol.TIMEOUT = self.options.timeout
         self._account = account
@@ -541,8 +579,13 @@ def from_fields(name: str, fields: dict[str, Any], *, account: Account, folder: 
 
 async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Login,
                 options: ConnectOptions) -> ProbeResult:
-    """Open the folders a channel needs (GetFolder); nothing is changed or sent."""
-    ews = EwsMailbox(profile, login, options)
+    """Open the folders a channel needs (GetFolder); nothing is changed or sent.
+
+    When the URL came from autodiscover, the summary says which URL and which autodiscover
+    endpoint gave it, so the administrator sees what Test & Enable found.
+    """
+    ews = EwsMailbox(profile, login, options,
+                     discovery_max_age=ews_discover.PROBE_MAX_AGE_S)
     try:
         if channel is Channel.INCOMING:
             count = await ews.folder_count("inbox")
@@ -558,7 +601,10 @@ async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Log
     how = {AccessMode.IMPERSONATION: f"impersonating as {login_name(login)}",
            AccessMode.DELEGATION: f"as delegate {login_name(login)}"}.get(
         login.mode, f"as {login_name(login)}")
-    return ProbeResult(f"EWS {ews.where}: {mailbox.address} {how}: {found}")
+    via = ""
+    if ews.found is not None:
+        via = f" (found by autodiscover at {ews.found.via})"
+    return ProbeResult(f"EWS {ews.where}{via}: {mailbox.address} {how}: {found}")
 
 
 # ---------------------------------------------------------------- incoming mail source
