@@ -19,7 +19,11 @@ identity platform references (see ``tests/fixtures/graph/*.json``, each naming i
   eq '…'``, PATCH, move and DELETE;
 * ``calendar``, ``calendarView/delta``, ``events``; ``contacts`` and ``contacts/delta``;
   ``todo/lists`` and ``todo/lists/{id}/tasks(/delta)``; ETags with ``If-Match`` (412);
-* ``/subscriptions`` create, renew (PATCH) and delete, with the 4230-minute limit;
+* ``/subscriptions`` create, renew (PATCH), reauthorize (``POST …/reauthorize``, 204) and
+  delete, with the 4230-minute limit; with a ``validator`` set, creating one first runs the
+  validation handshake against ``notificationUrl`` and ``lifecycleNotificationUrl`` (200,
+  text/plain, the token echoed) and answers 400 ``ValidationError`` otherwise;
+  `lifecycle_notification` builds the documented lifecycle payload of a subscription;
 * errors: 401 ``InvalidAuthenticationToken``, 403 ``ErrorAccessDenied`` (role missing),
   404 ``MailboxNotEnabledForRESTAPI`` and ``ErrorInvalidUser``, 429 with ``Retry-After``,
   400 ``ErrorInvalidRecipients`` from ``sendMail``.
@@ -38,6 +42,8 @@ import json
 import threading
 import time
 import urllib.parse
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +59,9 @@ MAX_SUBSCRIPTION = dt.timedelta(minutes=4230)
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_CLAIMS = ("aud", "iss", "sub", "jti", "nbf", "exp", "iat")
 CLOCK_SKEW_S = 300  # tolerance the fake allows on nbf/exp
+
+# (url, validationToken) -> (status, content type, body) of the receiver's answer
+Validator = Callable[[str, str], tuple[int, str, str]]
 
 
 def _b64(data: dict[str, Any]) -> str:
@@ -107,6 +116,9 @@ class GraphServer:
         # verified client assertions: (header, claims), in arrival order
         self.assertions: list[tuple[dict[str, Any], dict[str, Any]]] = []
         self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.validator: Validator | None = None  # set: validate URLs on subscription creation
+        self.validations: list[tuple[str, str]] = []  # (url, token) asked
+        self.reauthorized: list[str] = []  # subscription ids, in order
         self.sent: list[tuple[str, bytes]] = []
         self._ids = itertools.count(1)
         self._seq = itertools.count(1)
@@ -152,6 +164,15 @@ class GraphServer:
             user.collection(name)
         user.collection("todo:tasks-default")
         return user
+
+    def lifecycle_notification(self, subscription_id: str, event: str) -> dict[str, Any]:
+        """The lifecycle notification Graph posts to the subscription's lifecycle URL
+        (``tests/fixtures/graph/lifecycle-*.json``)."""
+        sub = self.subscriptions[subscription_id]
+        return {"value": [{"subscriptionId": subscription_id,
+                           "subscriptionExpirationDateTime": sub["expirationDateTime"],
+                           "tenantId": self.tenant, "clientState": sub["clientState"],
+                           "lifecycleEvent": event}]}
 
     def expire_tokens(self) -> None:
         with self._lock:
@@ -535,13 +556,30 @@ class GraphServer:
             if address not in self.users:
                 return _json(404, _err("ErrorInvalidUser", f"The requested user "
                                                            f"'{address}' is invalid."))
+            urls = [body["notificationUrl"]]
+            if body.get("lifecycleNotificationUrl"):
+                urls.append(body["lifecycleNotificationUrl"])
+            for url in urls if self.validator is not None else ():
+                failed = self._validate(url)
+                if failed is not None:
+                    return failed
             sub = {"id": self._new_id("SUB-"), "resource": resource,
                    "changeType": body["changeType"], "clientState": body.get("clientState"),
                    "notificationUrl": body["notificationUrl"],
+                   "lifecycleNotificationUrl": body.get("lifecycleNotificationUrl"),
                    "expirationDateTime": body["expirationDateTime"],
                    "applicationId": app.client_id}
             self.subscriptions[sub["id"]] = sub
             return _json(201, sub)
+        if len(rest) == 2 and rest[1] == "reauthorize" and request.method == "POST" \
+                and rest[0] in self.subscriptions:
+            denied = self._need(app, "Mail.ReadWrite", "Mail.Read")
+            if denied:
+                return denied
+            if request.body:
+                return _json(400, _err("BadRequest", "reauthorize takes no request body"))
+            self.reauthorized.append(rest[0])
+            return Reply(204)
         if len(rest) == 1 and rest[0] in self.subscriptions:
             sub = self.subscriptions[rest[0]]
             if request.method == "PATCH":
@@ -552,6 +590,24 @@ class GraphServer:
                 del self.subscriptions[rest[0]]
                 return Reply(204)
         return _json(404, _err("ResourceNotFound", "The object was not found."))
+
+
+    def _validate(self, url: str) -> Reply | None:
+        """The notificationUrl validation handshake; a failure as Graph reports it."""
+        assert self.validator is not None
+        token = ("Validation: Testing client application reachability for subscription "
+                 f"Request-Id: {uuid.uuid4()}")
+        self.validations.append((url, token))
+        try:
+            status, content_type, text = self.validator(url, token)
+        except Exception as exc:
+            status, content_type, text = 0, "", repr(exc)
+        if status == 200 and content_type.split(";")[0].strip() == "text/plain" \
+                and text == token:
+            return None
+        return _json(400, _err("ValidationError", "Subscription validation request failed. "
+                               "Notification endpoint must respond with 200 OK to validation "
+                               "request."))
 
 
 def _stamp(seconds: float) -> str:

@@ -14,9 +14,10 @@ What the channels use (Graph v1.0 reference):
   base64 MIME body (saved to Sent Items), PATCH/move/DELETE for dispositions;
 * appointments, contacts, tasks: ``calendarView/delta``, ``contacts/delta``,
   ``todo/lists/{id}/tasks/delta`` and POST/PATCH/DELETE on the items;
-* change notifications: ``/subscriptions`` created for a mailbox's Inbox and renewed before
-  they expire (mail subscriptions live at most 4230 minutes); delta polling remains the
-  safety net, notifications only wake it up early.
+* change notifications: ``/subscriptions`` created for a mailbox's Inbox (with a
+  ``lifecycleNotificationUrl``), renewed before they expire (mail subscriptions live at most
+  4230 minutes) and reauthorized on request (``/subscriptions/{id}/reauthorize``); delta
+  polling remains the safety net, notifications only wake it up early.
 
 Throttling: 429, 503 and 504 carry ``Retry-After``; short waits are honoured in place (up
 to ``max_wait``), longer ones become a `TransientError` with ``retry_after`` so the runtime
@@ -448,17 +449,27 @@ class GraphClient:
 
     async def subscribe(self, resource: str, notification_url: str, *, client_state: str,
                         change_type: str = "created,updated,deleted",
+                        lifecycle_url: str | None = None,
                         now: dt.datetime | None = None,
                         lifetime: dt.timedelta = MAIL_SUBSCRIPTION_MAX) -> Subscription:
+        """Create a subscription; with ``lifecycle_url`` Graph also sends lifecycle
+        notifications there (it can only be set at creation, and is validated like the
+        notification URL)."""
         expires = (now or dt.datetime.now(dt.UTC)) + lifetime - dt.timedelta(minutes=1)
+        body = {"changeType": change_type, "notificationUrl": notification_url}
+        if lifecycle_url:
+            body["lifecycleNotificationUrl"] = lifecycle_url
+        body |= {"resource": resource, "expirationDateTime": _iso(expires),
+                 "clientState": client_state}
         response = await self.request("POST", "/subscriptions", role=ROLE_MAIL_READ,
-                                      expect=(201,), json_body={
-                                          "changeType": change_type,
-                                          "notificationUrl": notification_url,
-                                          "resource": resource,
-                                          "expirationDateTime": _iso(expires),
-                                          "clientState": client_state})
+                                      expect=(201,), json_body=body)
         return _subscription(response.json())
+
+    async def reauthorize(self, subscription_id: str) -> None:
+        """``POST /subscriptions/{id}/reauthorize`` (no body; 204): answers a
+        ``reauthorizationRequired`` lifecycle event without changing the expiry."""
+        await self.request("POST", f"/subscriptions/{urllib.parse.quote(subscription_id)}"
+                           "/reauthorize", role=ROLE_MAIL_READ, expect=(200, 204))
 
     async def renew(self, subscription: Subscription, *, now: dt.datetime | None = None,
                     lifetime: dt.timedelta = MAIL_SUBSCRIPTION_MAX) -> Subscription:

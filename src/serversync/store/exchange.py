@@ -11,7 +11,8 @@ token), so it is stored in clear.
 
 ``graph_subscriptions`` (migration ``0010``) keeps the Graph change-notification
 subscription of each Exchange Online mailbox (`services.graph_subscriptions`): its id,
-resource, expiry and the SHA-256 of its clientState — never the clientState itself.
+resource, expiry, the SHA-256 of its clientState — never the clientState itself — and
+(migration ``0012``) the lifecycleNotificationUrl it was created with.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class GraphSubscriptionRow(Base):
     expires_at: Mapped[dt.datetime] = mapped_column()
     client_state_hash: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[dt.datetime] = mapped_column()
+    lifecycle_url: Mapped[str | None] = mapped_column(Text)  # None: made without one
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +113,13 @@ class StoredSubscription:
     notification_url: str
     expires_at: dt.datetime
     client_state_hash: str
+    lifecycle_url: str | None = None
 
 
 def _stored(row: GraphSubscriptionRow) -> StoredSubscription:
     return StoredSubscription(row.mailbox, row.profile, row.subscription_id, row.resource,
                               row.notification_url, _utc(row.expires_at),
-                              row.client_state_hash)
+                              row.client_state_hash, row.lifecycle_url)
 
 
 class GraphSubscriptions:
@@ -142,12 +145,25 @@ class GraphSubscriptions:
                   "resource": subscription.resource,
                   "notification_url": subscription.notification_url,
                   "expires_at": subscription.expires_at,
-                  "client_state_hash": subscription.client_state_hash, "updated_at": now}
+                  "client_state_hash": subscription.client_state_hash,
+                  "lifecycle_url": subscription.lifecycle_url, "updated_at": now}
         result = await self.session.execute(update(GraphSubscriptionRow).where(
             GraphSubscriptionRow.mailbox == subscription.mailbox).values(**values))
         if not getattr(result, "rowcount", 0):
             await self.session.execute(insert(GraphSubscriptionRow).values(
                 mailbox=subscription.mailbox, **values))
+
+    async def make_due(self, subscription_id: str, now: dt.datetime) -> None:
+        """Mark a subscription as needing renewal now (``expires_at`` = ``now`` at the latest).
+
+        This is how a lifecycle event is persisted before it is answered: should the
+        immediate reauthorization or re-creation be lost, the next ``ensure`` round renews
+        the subscription (which reauthorizes it) or, when Graph no longer knows it, creates it
+        again.
+        """
+        await self.session.execute(update(GraphSubscriptionRow).where(
+            GraphSubscriptionRow.subscription_id == subscription_id,
+            GraphSubscriptionRow.expires_at > now).values(expires_at=now, updated_at=now))
 
     async def forget(self, mailbox: str) -> None:
         await self.session.execute(delete(GraphSubscriptionRow).where(

@@ -8,8 +8,9 @@ passes them in; nothing here opens a database or a socket). Routes:
   ``public_metrics=True``;
 * ``/ui/...`` — the admin UI (`web.admin`), signed in with an API token;
 * ``/static/...`` — the UI's CSS and the vendored htmx (no network at run time);
-* ``/graph/notify`` — Microsoft Graph change notifications (`web.graph_notify`; no bearer
-  token: Microsoft calls it, the clientState authenticates).
+* ``/graph/notify`` and ``/graph/lifecycle`` — Microsoft Graph change and lifecycle
+  notifications (`web.graph_notify`; no bearer token: Microsoft calls them, the clientState
+  authenticates).
 
 Every response carries a strict Content-Security-Policy (no inline script, no third
 party), ``X-Frame-Options: DENY`` and ``nosniff``.
