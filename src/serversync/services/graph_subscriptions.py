@@ -352,10 +352,6 @@ class GraphSubscriptions:
                         "subscription, clientState mismatch or malformed)", received.refused)
         return received
 
-    async def accept(self, body: bytes) -> list[str]:
-        """The mailboxes named by the genuine change notifications of a webhook POST."""
-        return (await self.receive(body)).changed
-
     @staticmethod
     async def _genuine(store: SubscriptionStore, item: Any) -> StoredSubscription | None:
         if not isinstance(item, dict):
