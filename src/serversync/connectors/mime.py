@@ -28,7 +28,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser, BytesParser
 
 import fast_mail_parser as fmp
 import nh3
@@ -38,6 +38,7 @@ from serversync.core.errors import ItemError
 
 _MSGID = re.compile(r"<[^<>\s]+>")
 _COMPAT = BytesParser(policy=email.policy.compat32)
+_HEADERS = BytesHeaderParser(policy=email.policy.compat32)
 MB = 1024 * 1024
 
 
@@ -290,6 +291,31 @@ def _fallback(raw: bytes, limit: int, why: str) -> ParsedMessage:
                         f"{str(exc)[:200]}", code="unparseable",
                         fix="the raw message is kept in quarantine; inspect it") from exc
     return dataclasses.replace(parsed, notices=(why, *parsed.notices))
+
+
+@dataclass(frozen=True, slots=True)
+class Headline:
+    """The few headers an administrator recognises a message by (a quarantined one too)."""
+
+    subject: str = ""
+    sender: str = ""
+    to: str = ""
+    date: str = ""
+    message_id: str | None = None
+
+
+def headline(raw: bytes) -> Headline:
+    """The header block only, decoded for display; never raises (the message may be why
+    it is in quarantine), and empty fields for what cannot be read."""
+    try:
+        msg = _HEADERS.parsebytes(raw)
+
+        def first(name: str) -> str:
+            return " ".join(_text(msg.get(name, "")).split())[:998]
+        return Headline(first("subject"), first("from"), first("to"), first("date"),
+                        _first_id([_text(v) for v in msg.get_all("message-id", [])]))
+    except Exception:  # any header block we cannot read: show nothing rather than fail
+        return Headline()
 
 
 def parse_batch(raws: Sequence[bytes], *, max_attachment_bytes: int = 25 * MB,

@@ -16,10 +16,12 @@ One run, per configured folder (INBOX by default, plus Sent when ``track_sent``)
 
 A crash anywhere replays the batch: the unique item links make the replay a no-op for
 what was committed. Bad items never raise: they are quarantined with their raw bytes and an
-alert. A whole-run failure raises a typed error (wrong password, impersonation refused, every
-folder gone: `PermanentError`); the runtime's `services.runs.ChannelRunner` records it,
-backs off or disables the channel, and raises the alert. A folder that disappeared while
-others remain is an alert of its own (code ``folder-missing``), resolved when it is back.
+alert; an administrator retries or discards them later (`services.quarantine`), and a retry
+decides with the same `Tracker` as a run. A whole-run failure raises a typed error (wrong
+password, impersonation refused, every folder gone: `PermanentError`); the runtime's
+`services.runs.ChannelRunner` records it, backs off or disables the channel, and raises the
+alert. A folder that disappeared while others remain is an alert of its own (code
+``folder-missing``), resolved when it is back.
 
 Fault injection for the crash tests: ``SERVERSYNC_FAULT=incoming-before-commit[:N]`` ends
 the process (``os._exit``) after the N-th batch (default 1) was fetched and parsed and
@@ -93,6 +95,7 @@ SourceFactory = Callable[[Profile, Mailbox, Login, ConnectOptions], MailSource]
 FAULT_ENV = "SERVERSYNC_FAULT"
 SMART_MATCH_DAYS = 90
 FOLDER_ALERT_RECHECK_S = 600.0
+STORE_REFUSED = "store-refused"  # quarantine code: the database refused the message's data
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +106,8 @@ class IncomingOptions:
 
 
 @dataclass
-class _Plan:
-    """What one batch writes."""
+class Plan:
+    """What one batch (or one retried message) writes."""
 
     activities: list[EmailActivity] = field(default_factory=list)
     links: list[NewLink] = field(default_factory=list)
@@ -119,7 +122,9 @@ class _Plan:
 
 
 @dataclass(frozen=True, slots=True)
-class _Context:
+class Context:
+    """Where the messages being decided come from, and when they are decided."""
+
     mailbox: Mailbox
     mailbox_id: int
     profile: Profile
@@ -127,6 +132,21 @@ class _Context:
     folder: str
     sent: bool  # the folder is the Sent folder: outgoing activities
     now: dt.datetime
+
+
+async def parse(raws: Sequence[bytes], settings: OrgSettings,
+                threads: int | None) -> list[mime.ParsedMessage | ItemError]:
+    """Parse in a worker thread (the parser releases the GIL), failures in their slots."""
+    if not raws:
+        return []
+    return await asyncio.to_thread(mime.parse_batch, raws,
+                                   max_attachment_bytes=settings.max_attachment_bytes,
+                                   threads=threads)
+
+
+def refused_reason(exc: Exception) -> str:
+    """Why the database refused one message (the quarantine's ``store-refused`` reason)."""
+    return f"the database refused it: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 def _given(source: MailSource) -> Callable[[], MailSource]:
@@ -149,6 +169,7 @@ class IncomingJob:
         self.db = db
         self.sources = sources
         self.options = options
+        self.tracker = Tracker(options.loop)
         self.clock = clock
         # logged-in sessions kept between runs (connectors.imapsessions); None: one per run
         self.sessions = sessions
@@ -314,10 +335,8 @@ class IncomingJob:
                         folder, cursor, batch_size=self.options.batch_size,
                         known=known)) as batches:
                     async for batch in batches:
-                        parsed = await asyncio.to_thread(
-                            mime.parse_batch, [m.raw for m in batch.messages],
-                            max_attachment_bytes=settings.max_attachment_bytes,
-                            threads=self.options.parse_threads) if batch.messages else []
+                        parsed = await parse([m.raw for m in batch.messages], settings,
+                                             self.options.parse_threads)
                         await queue.put((batch, parsed))
             finally:
                 # also when the source fails: the consumer stops, then `await producer`
@@ -331,7 +350,7 @@ class IncomingJob:
                 batch, parsed = item
                 number += 1
                 _fault(number)
-                ctx = _Context(mailbox, mailbox_id, profile, settings, folder, is_sent,
+                ctx = Context(mailbox, mailbox_id, profile, settings, folder, is_sent,
                                self.clock())
                 plan = await self._commit(ctx, batch, parsed)
                 totals["items"] += plan.tracked
@@ -349,8 +368,8 @@ class IncomingJob:
 
     # ------------------------------------------------------------ one batch
 
-    async def _commit(self, ctx: _Context, batch: FetchBatch,
-                      parsed: Sequence[mime.ParsedMessage | ItemError]) -> _Plan:
+    async def _commit(self, ctx: Context, batch: FetchBatch,
+                      parsed: Sequence[mime.ParsedMessage | ItemError]) -> Plan:
         """Write the batch in one transaction; if the database refuses it, item by item."""
         items = list(zip(batch.messages, parsed, strict=True))
         try:
@@ -365,7 +384,7 @@ class IncomingJob:
                 log.warning("incoming item %s refused by the database: %s",
                             items[0][0].remote_id, type(exc).__name__)
                 return await self._quarantine_alone(ctx, batch.cursor, items[0][0], exc)
-        plan = _Plan()
+        plan = Plan()
         for i, item in enumerate(items):
             last = i + 1 == len(items)
             single = FetchBatch(batch.folder, [item[0]], batch.cursor if last else
@@ -379,13 +398,12 @@ class IncomingJob:
             plan.dispositions += part.dispositions
         return plan
 
-    async def _quarantine_alone(self, ctx: _Context, cursor: FolderCursor,
-                                message: RemoteMessage, exc: Exception) -> _Plan:
-        plan = _Plan()
-        reason = f"the database refused it: {type(exc).__name__}: {str(exc)[:300]}"
-        plan.quarantine.append((message, "store-refused", reason))
+    async def _quarantine_alone(self, ctx: Context, cursor: FolderCursor,
+                                message: RemoteMessage, exc: Exception) -> Plan:
+        plan = Plan()
+        plan.quarantine.append((message, STORE_REFUSED, refused_reason(exc)))
         plan.links.append(NewLink(ctx.folder, message.remote_id, QUARANTINED))
-        plan.dispositions.append(self._failed_disposition(ctx, message))
+        plan.dispositions.append(self.tracker.failed_disposition(ctx, message))
         async with self.db.transaction() as repo:
             store = IncomingStore(repo.session)
             if message.remote_id not in await store.known(ctx.mailbox_id, ctx.folder,
@@ -393,36 +411,31 @@ class IncomingJob:
                 await self._store_plan(repo, store, ctx, cursor, plan)
         return plan
 
-    async def _write(self, repo: Repository, ctx: _Context, cursor: FolderCursor,
-                     items: list[tuple[RemoteMessage, mime.ParsedMessage | ItemError]]) -> _Plan:
+    async def _write(self, repo: Repository, ctx: Context, cursor: FolderCursor,
+                     items: list[tuple[RemoteMessage, mime.ParsedMessage | ItemError]]) -> Plan:
         store = IncomingStore(repo.session)
         done = await store.known(ctx.mailbox_id, ctx.folder, [m.remote_id for m, _ in items])
         todo = [(m, p) for m, p in items if m.remote_id not in done]
-        plan = await self._plan(repo, store, ctx, todo)
+        plan = await self.tracker.plan(repo, store, ctx, todo)
         await self._store_plan(repo, store, ctx, cursor, plan)
         return plan
 
-    async def _store_plan(self, repo: Repository, store: IncomingStore, ctx: _Context,
-                          cursor: FolderCursor, plan: _Plan) -> None:
-        # the raw copies go into the same pack as the attachments (one flush per batch)
-        ids = await store.add_activities(plan.activities, [
-            (link.raw_sha256, link.raw) for link in plan.links if link.raw is not None])
-        for index, target, method in plan.fixups:
-            await store.set_correlation(ids[index], ids[target], method)
-        await store.add_links(ctx.mailbox_id, plan.links, ids, ctx.now)
+    async def _store_plan(self, repo: Repository, store: IncomingStore, ctx: Context,
+                          cursor: FolderCursor, plan: Plan) -> None:
+        await self.tracker.write(repo, store, ctx, plan)
         for message, code, reason in plan.quarantine:
             await store.quarantine(ctx.mailbox_id, ctx.folder, message.remote_id, message.raw,
-                                   code, reason, ctx.now)
-        if plan.windows:
-            await store.save_loop_windows(plan.windows)
+                                   code, reason, ctx.now, sent=ctx.sent,
+                                   internal_date=message.internal_date)
         if plan.quarantine:
             first = plan.quarantine[0]
             plan.alerts.append(Alert(
                 Severity.WARNING, "quarantined",
                 f"{len(plan.quarantine)} message(s) in {ctx.folder} of {ctx.mailbox.address} "
                 f"were quarantined (first: {first[1]}: {first[2][:200]})",
-                "the raw messages are kept in the quarantine (incoming_quarantine) with the reason; "
-                "fix the cause, or track them by hand",
+                "the raw messages are kept in the quarantine with the reason: see them with "
+                f"`serversync quarantine list --mailbox {ctx.mailbox.address}` or the admin "
+                "UI's Quarantine page; fix the cause, then retry them (or discard them)",
                 mailbox=ctx.mailbox.address, profile=ctx.profile.name,
                 channel=Channel.INCOMING, created_at=ctx.now))
         for alert in plan.alerts:
@@ -430,9 +443,34 @@ class IncomingJob:
         await store.save_cursor(ctx.mailbox_id, ctx.folder, Cursor(
             cursor.uidvalidity, cursor.last_uid, cursor.highest_modseq, cursor.token), ctx.now)
 
-    # ------------------------------------------------------------ decisions
 
-    def _done_disposition(self, ctx: _Context, message: RemoteMessage) -> Disposition:
+class Tracker:
+    """What a set of parsed messages of one folder becomes, and writing it.
+
+    The decisions of the incoming job, apart from fetching and cursors, so that a message
+    retried from the quarantine (`services.quarantine`) goes through exactly the same
+    duplicate check, correlation, tracking rules and loop guard as in a sync run.
+    """
+
+    def __init__(self, loop: tracking.LoopPolicy) -> None:
+        self.loop = loop
+
+    async def write(self, repo: Repository, store: IncomingStore, ctx: Context,
+                    plan: Plan) -> None:
+        """Activities (raw copies in the same pack), correlations, links and loop counters.
+
+        Quarantine rows, alerts and the cursor are the caller's: a sync run adds new ones, a
+        retry updates the row it came from.
+        """
+        ids = await store.add_activities(plan.activities, [
+            (link.raw_sha256, link.raw) for link in plan.links if link.raw is not None])
+        for index, target, method in plan.fixups:
+            await store.set_correlation(ids[index], ids[target], method)
+        await store.add_links(ctx.mailbox_id, plan.links, ids, ctx.now)
+        if plan.windows:
+            await store.save_loop_windows(plan.windows)
+
+    def done_disposition(self, ctx: Context, message: RemoteMessage) -> Disposition:
         action = ctx.mailbox.after_processing
         if ctx.sent or action is AfterProcessing.LEAVE:
             return Disposition(message.remote_id, "leave")
@@ -440,21 +478,22 @@ class IncomingJob:
             return Disposition(message.remote_id, "move", ctx.mailbox.after_processing_folder)
         return Disposition(message.remote_id, action.value)
 
-    def _failed_disposition(self, ctx: _Context, message: RemoteMessage) -> Disposition:
+    def failed_disposition(self, ctx: Context, message: RemoteMessage) -> Disposition:
         target = ctx.profile.move_failed_to_folder
         if target and ctx.profile.kind is ServerKind.IMAP:
             return Disposition(message.remote_id, "move", target)
         return Disposition(message.remote_id, "leave")
 
-    async def _plan(self, repo: Repository, store: IncomingStore, ctx: _Context,
-                    items: list[tuple[RemoteMessage, mime.ParsedMessage | ItemError]]) -> _Plan:
-        plan = _Plan()
+    async def plan(self, repo: Repository, store: IncomingStore, ctx: Context,
+                   items: list[tuple[RemoteMessage, mime.ParsedMessage | ItemError]]) -> Plan:
+        """Decide every item: quarantine, skip, link to an existing activity, or track."""
+        plan = Plan()
         good = [(m, p) for m, p in items if isinstance(p, mime.ParsedMessage)]
         for message, result in items:
             if isinstance(result, ItemError):
                 plan.quarantine.append((message, result.code, result.message))
                 plan.links.append(NewLink(ctx.folder, message.remote_id, QUARANTINED))
-                plan.dispositions.append(self._failed_disposition(ctx, message))
+                plan.dispositions.append(self.failed_disposition(ctx, message))
         if not good:
             return plan
         parsed = [p for _, p in good]
@@ -479,7 +518,7 @@ class IncomingJob:
         owner = tracking.Receiver(ctx.mailbox.owner_kind, ctx.mailbox.owner,
                                   ctx.mailbox.tracking_rule)
         since = ctx.mailbox.process_email_from or ctx.profile.process_email_from
-        loop_window = dt.timedelta(minutes=self.options.loop.minutes)
+        loop_window = dt.timedelta(minutes=self.loop.minutes)
         batch_mid: dict[str, int] = {}
         batch_hash: dict[str, int] = {}
         mids, convs = dict(k_mid), dict(k_conv)  # grow with this batch's own activities
@@ -502,10 +541,10 @@ class IncomingJob:
                 plan.links.append(NewLink(ctx.folder, message.remote_id, LINKED,
                                           email_index=batch_index, email_id=existing_id,
                                           raw=raw, raw_sha256=p.content_hash))
-                plan.dispositions.append(self._done_disposition(ctx, message))
+                plan.dispositions.append(self.done_disposition(ctx, message))
                 plan.linked += 1
                 continue
-            draft = self._activity(ctx, message, p, resolved)
+            draft = self.activity(ctx, message, p, resolved)
             if ctx.sent:
                 decision = tracking.Decision(True, "sent by the mailbox's owner",
                                              owner.kind.value, owner.key)
@@ -526,14 +565,14 @@ class IncomingJob:
             if not ctx.sent and p.sender and recent_mail:
                 # only mail that arrived inside the window counts: an initial sync of years
                 # of one customer's mail is not a loop
-                step = tracking.loop_step(windows.get(p.sender), ctx.now, self.options.loop)
+                step = tracking.loop_step(windows.get(p.sender), ctx.now, self.loop)
                 windows[p.sender] = step.window
                 plan.windows[p.sender] = step.window
                 if step.newly_paused:
                     plan.alerts.append(Alert(
                         Severity.WARNING, "sender-paused",
-                        f"sender {p.sender} created more than {self.options.loop.threshold} "
-                        f"activities in {self.options.loop.minutes} minutes and is paused; "
+                        f"sender {p.sender} created more than {self.loop.threshold} "
+                        f"activities in {self.loop.minutes} minutes and is paused; "
                         "its further mail is quarantined", "check for a mail loop or an "
                         "automated sender; resume it once fixed",
                         mailbox=ctx.mailbox.address, profile=ctx.profile.name,
@@ -542,7 +581,7 @@ class IncomingJob:
                     plan.quarantine.append((message, "loop-guard",
                                             f"sender {p.sender} is paused by the loop guard"))
                     plan.links.append(NewLink(ctx.folder, message.remote_id, QUARANTINED))
-                    plan.dispositions.append(self._failed_disposition(ctx, message))
+                    plan.dispositions.append(self.failed_disposition(ctx, message))
                     continue
             known = correlation.activity
             activity = dataclasses.replace(
@@ -557,7 +596,7 @@ class IncomingJob:
             plan.links.append(NewLink(ctx.folder, message.remote_id, TRACKED,
                                       email_index=position, raw=raw,
                                       raw_sha256=p.content_hash))
-            plan.dispositions.append(self._done_disposition(ctx, message))
+            plan.dispositions.append(self.done_disposition(ctx, message))
             plan.tracked += 1
             if p.message_id:
                 batch_mid[p.message_id] = position
@@ -573,7 +612,7 @@ class IncomingJob:
                     activity.subject)
         return plan
 
-    def _activity(self, ctx: _Context, message: RemoteMessage, p: mime.ParsedMessage,
+    def activity(self, ctx: Context, message: RemoteMessage, p: mime.ParsedMessage,
                   resolved: Mapping[str, Party | None]) -> EmailActivity:
         recipients = []
         for r in p.recipients:

@@ -9,7 +9,8 @@
 * ``incoming_cursors`` — per (mailbox, folder): UIDVALIDITY, last UID, HIGHESTMODSEQ.
 * ``incoming_quarantine`` — a message that could not be tracked, with its raw bytes (a
   content-addressed ``blobs`` row; the bytes in a pack file, `store.blobfiles`, or inline),
-  the error code and reason.
+  the error code and reason; and what an administrator did with it since
+  (`services.quarantine`: retries, released when, by whom, as what).
 * ``incoming_loop_guard`` — per sender: activities created in the current window and
   whether the sender is paused.
 
@@ -36,6 +37,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    delete,
     func,
     insert,
     or_,
@@ -53,7 +55,7 @@ from serversync.core.tracking import KnownActivity, LoopWindow
 from serversync.store import blobfiles
 from serversync.store.emails import AttachmentRow, BlobRow, EmailRecipientRow, EmailRow
 from serversync.store.exchange import SyncTokens
-from serversync.store.tables import AlertRow, Base
+from serversync.store.tables import AlertRow, Base, MailboxRow
 
 TRACKED, LINKED, SKIPPED, QUARANTINED = "tracked", "linked", "skipped", "quarantined"
 
@@ -101,6 +103,13 @@ class QuarantineRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(index=True)
     released_at: Mapped[dt.datetime | None] = mapped_column()
+    # migration 0013: NULL on rows written before it
+    sent: Mapped[bool | None] = mapped_column(Boolean)  # read from the Sent folder
+    internal_date: Mapped[dt.datetime | None] = mapped_column()  # the server's arrival date
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    retried_at: Mapped[dt.datetime | None] = mapped_column()
+    released_by: Mapped[str | None] = mapped_column(String(100))
+    outcome: Mapped[str | None] = mapped_column(String(12))  # tracked|linked|skipped|discarded
 
 
 class LoopGuardRow(Base):
@@ -130,6 +139,17 @@ class Quarantined:
     code: str
     reason: str
     created_at: dt.datetime
+    mailbox: str = ""  # the mailbox's address
+    sent: bool | None = None  # None: quarantined before this was recorded
+    internal_date: dt.datetime | None = None
+    retries: int = 0
+    retried_at: dt.datetime | None = None
+    released_at: dt.datetime | None = None
+    released_by: str | None = None
+    outcome: str | None = None  # how it left the quarantine; None while it is in it
+
+
+DISCARDED = "discarded"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -480,22 +500,88 @@ class IncomingStore:
     # ------------------------------------------------------------ quarantine
 
     async def quarantine(self, mailbox_id: int, folder: str, remote_id: str, raw: bytes,
-                         code: str, reason: str, now: dt.datetime) -> None:
+                         code: str, reason: str, now: dt.datetime, *, sent: bool = False,
+                         internal_date: dt.datetime | None = None) -> None:
         digest = (await self.put_blobs([(None, raw)]))[0]
         await self.session.execute(insert(QuarantineRow).values(
             mailbox_id=mailbox_id, folder=folder, remote_id=remote_id, raw_sha256=digest,
-            size=len(raw), code=code, reason=clean(reason) or "", created_at=now))
+            size=len(raw), code=code, reason=clean(reason) or "", created_at=now, sent=sent,
+            internal_date=internal_date, retries=0))
 
     async def quarantined(self, mailbox_id: int | None = None,
-                          include_released: bool = False) -> list[Quarantined]:
-        query = select(QuarantineRow).order_by(QuarantineRow.id)
+                          include_released: bool = False, *, ids: Sequence[int] | None = None,
+                          before_id: int | None = None, limit: int | None = None,
+                          newest_first: bool = False) -> list[Quarantined]:
+        """Quarantined messages, oldest first (``newest_first`` for listings; page with
+        ``before_id``), with their mailbox's address."""
+        query = select(QuarantineRow, MailboxRow.address).join(
+            MailboxRow, MailboxRow.id == QuarantineRow.mailbox_id).order_by(
+            QuarantineRow.id.desc() if newest_first else QuarantineRow.id)
         if mailbox_id is not None:
             query = query.where(QuarantineRow.mailbox_id == mailbox_id)
         if not include_released:
             query = query.where(QuarantineRow.released_at.is_(None))
+        if ids is not None:
+            query = query.where(QuarantineRow.id.in_(list(ids)))
+        if before_id is not None:
+            query = query.where(QuarantineRow.id < before_id)
+        if limit is not None:
+            query = query.limit(limit)
         return [Quarantined(r.id, r.mailbox_id, r.folder, r.remote_id, r.raw_sha256, r.size,
-                            r.code, r.reason, _utc(r.created_at) or r.created_at)
-                for r in await self.session.scalars(query)]
+                            r.code, r.reason, _utc(r.created_at) or r.created_at, address,
+                            r.sent, _utc(r.internal_date), r.retries, _utc(r.retried_at),
+                            _utc(r.released_at), r.released_by, r.outcome)
+                for r, address in (await self.session.execute(query)).all()]
+
+    async def claim_quarantined(self, quarantine_id: int, now: dt.datetime) -> bool:
+        """Count a retry of a message still in quarantine; False if it was released.
+
+        An UPDATE first: on PostgreSQL it locks the row until the caller's transaction ends,
+        so a second retry of the same message waits and then finds it released (on SQLite
+        the database's single writer does the same).
+        """
+        result = await self.session.execute(
+            update(QuarantineRow).where(QuarantineRow.id == quarantine_id,
+                                        QuarantineRow.released_at.is_(None))
+            .values(retries=QuarantineRow.retries + 1, retried_at=now))
+        return bool(getattr(result, "rowcount", 0))
+
+    async def release_quarantined(self, quarantine_id: int, now: dt.datetime, by: str,
+                                  outcome: str) -> bool:
+        """Take a message out of the quarantine; False if it had already left it."""
+        result = await self.session.execute(
+            update(QuarantineRow).where(QuarantineRow.id == quarantine_id,
+                                        QuarantineRow.released_at.is_(None))
+            .values(released_at=now, released_by=clean(by, 100), outcome=outcome))
+        return bool(getattr(result, "rowcount", 0))
+
+    async def requarantine(self, quarantine_id: int, code: str, reason: str) -> None:
+        """A retry failed again: the row keeps the message with the new reason."""
+        await self.session.execute(update(QuarantineRow).where(
+            QuarantineRow.id == quarantine_id).values(code=code[:50],
+                                                      reason=clean(reason) or ""))
+
+    async def open_quarantine(self, mailbox_id: int) -> int:
+        """How many of a mailbox's messages are still in quarantine."""
+        return int(await self.session.scalar(
+            select(func.count()).select_from(QuarantineRow).where(
+                QuarantineRow.mailbox_id == mailbox_id,
+                QuarantineRow.released_at.is_(None))) or 0)
+
+    async def link(self, mailbox_id: int, folder: str,
+                   remote_id: str) -> tuple[str, int | None] | None:
+        """(outcome, email id) of one processed message, if it has a link."""
+        row = (await self.session.execute(
+            select(IncomingLinkRow.outcome, IncomingLinkRow.email_id).where(
+                IncomingLinkRow.mailbox_id == mailbox_id, IncomingLinkRow.folder == folder,
+                IncomingLinkRow.remote_id == remote_id))).first()
+        return None if row is None else (row[0], row[1])
+
+    async def drop_link(self, mailbox_id: int, folder: str, remote_id: str) -> None:
+        """Remove a message's link, so that a retry writes the new one (same transaction)."""
+        await self.session.execute(delete(IncomingLinkRow).where(
+            IncomingLinkRow.mailbox_id == mailbox_id, IncomingLinkRow.folder == folder,
+            IncomingLinkRow.remote_id == remote_id))
 
     async def raw(self, digest: str) -> bytes:
         row = await self.session.get(BlobRow, digest)
