@@ -20,6 +20,7 @@ autodiscover (and its cache file) is never used.
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -376,3 +377,17 @@ def test_the_name_guard_keeps_everything_on_the_machine(
     assert local.blocked == [("192.0.2.53", 53), ("192.0.2.80", 443)]
     assert local.asked == [AD_HOST, "www.example.com"]
     assert local.srv_asked == ["example.com."]
+
+
+async def test_no_password_in_logs_or_urls(ad: AutodiscoverServer, names: LocalNames, ca: TestCA,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    await discover(profile(ca))
+    ad.ews.passwords[SVC] = "changed-on-the-server"
+    ews_discover.clear()
+    with pytest.raises(SyncError):
+        await discover(profile(ca))
+    assert caplog.records
+    for secret in (PASSWORDS[SVC], basic(SVC, PASSWORDS[SVC])[6:]):
+        assert all(secret not in r.getMessage() for r in caplog.records), secret
+        assert all(secret not in r.path for r in ad.https.requests + ad.http.requests)
