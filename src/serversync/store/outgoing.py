@@ -11,11 +11,20 @@ Send*, *Sending*, *Sent* and *Failed* without knowing this table.
 Claiming is atomic on both databases: ``UPDATE … WHERE status = 'pending-send' RETURNING``
 (with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two runs never take the same email.
 Bulk updates use SQLAlchemy's executemany by primary key: one round trip per batch.
+
+Deferred recipients (migration ``0014``): a *Sent* email whose recipients include some the
+server deferred has ``deferred_due_at`` (the earliest of their next attempts) and its
+transmitted bytes kept as a blob under ``emails.content_hash``. A follow-up is claimed like
+an email (``claim_followups``: phase ``claimed``, lease) with the status left *Sent*; the
+recipients it submits to are written to ``followup_recipients`` in the claim, so that a
+crashed follow-up's recovery knows exactly whose outcome is unknown.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,14 +40,18 @@ from sqlalchemy import (
     Text,
     bindparam,
     func,
+    insert,
+    literal,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from serversync.core.email import EmailStatus
 from serversync.core.errors import NotFound
+from serversync.core.model import Channel, Severity
 from serversync.core.outgoing import (
     CopyState,
     Phase,
@@ -46,17 +59,20 @@ from serversync.core.outgoing import (
     RecipientResult,
     RecipientStatus,
     SendState,
+    deferred_due,
+    due_recipients,
 )
 from serversync.core.times import utc as _utc
 from serversync.store.db import Database
-from serversync.store.emails import EmailRow
-from serversync.store.tables import Base
+from serversync.store.emails import BlobRow, EmailRow
+from serversync.store.tables import AlertRow, Base, MailboxRow
 
 
 class OutgoingRow(Base):
     __tablename__ = "outgoing"
     __table_args__ = (Index("ix_outgoing_mailbox_due", "mailbox", "due_at"),
-                      Index("ix_outgoing_mailbox_phase", "mailbox", "phase"))
+                      Index("ix_outgoing_mailbox_phase", "mailbox", "phase"),
+                      Index("ix_outgoing_mailbox_deferred", "mailbox", "deferred_due_at"))
 
     email_id: Mapped[int] = mapped_column(ForeignKey("emails.id", ondelete="CASCADE"),
                                           primary_key=True)
@@ -81,6 +97,10 @@ class OutgoingRow(Base):
     sent_copy: Mapped[str] = mapped_column(String(10), default=CopyState.PENDING.value)
     accepted_at: Mapped[dt.datetime | None]
     smtp_reply: Mapped[str | None] = mapped_column(Text)
+    # when the next follow-up to deferred recipients is due (NULL: none deferred); 0014
+    deferred_due_at: Mapped[dt.datetime | None]
+    # the recipients of the follow-up a run holds (NULL otherwise): its journal; 0014
+    followup_recipients: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime]
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=func.now(),
                                                     onupdate=func.now())
@@ -97,6 +117,9 @@ class Claimed:
     save_to_sent: bool
     date_header: dt.datetime
     phase: Phase  # CLAIMED for fresh claims; SUBMITTING/DONE for recovered ones
+    # a follow-up: the deferred recipients it submits the Sent message to (else empty)
+    followup: tuple[str, ...] = ()
+    results: tuple[RecipientResult, ...] = ()  # per-recipient results so far (follow-ups)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,16 +138,31 @@ class Finish:
     accepted_at: dt.datetime | None = None
     smtp_reply: str | None = None
     content_hash: str | None = None
+    # a Sent email with deferred recipients: when they are due, and the transmitted bytes
+    # (kept as a blob, so follow-ups submit exactly the same message)
+    deferred_due_at: dt.datetime | None = None
+    raw: bytes | None = None
+    followup: bool = False  # the outcome of a follow-up: only the recipients' side changes
+    alert: str | None = None  # recipients given up: raised as an alert in the same commit
 
 
 def _results(values: Sequence[dict[str, Any]] | None) -> tuple[RecipientResult, ...]:
-    return tuple(RecipientResult(v["address"], RecipientStatus(v["status"]), int(v["code"]),
-                                 v["message"]) for v in values or ())
+    return tuple(RecipientResult(
+        v["address"], RecipientStatus(v["status"]), int(v["code"]), v["message"],
+        int(v.get("attempts") or 0),
+        _utc(dt.datetime.fromisoformat(v["next_attempt_at"])) if v.get("next_attempt_at")
+        else None) for v in values or ())
 
 
 def _results_json(results: Sequence[RecipientResult]) -> list[dict[str, Any]]:
-    return [{"address": r.address, "status": r.status.value, "code": r.code,
-             "message": r.message} for r in results]
+    out: list[dict[str, Any]] = []
+    for r in results:
+        entry: dict[str, Any] = {"address": r.address, "status": r.status.value,
+                                 "code": r.code, "message": r.message, "attempts": r.attempts}
+        if r.next_attempt_at is not None:
+            entry["next_attempt_at"] = r.next_attempt_at.isoformat()
+        out.append(entry)
+    return out
 
 
 class OutgoingStore:
@@ -253,6 +291,92 @@ class OutgoingStore:
             .order_by(OutgoingRow.email_id).limit(limit))
         return [self._claimed(r) for r in rows]
 
+    # ------------------------------------------------------------ follow-ups
+
+    def _skip_locked(self) -> bool:
+        return self.session.get_bind().dialect.name == "postgresql"
+
+    async def followups_due(self, mailbox: str, now: dt.datetime) -> int:
+        """Sent emails with deferred recipients due for a follow-up."""
+        count = await self.session.scalar(
+            select(func.count()).select_from(OutgoingRow)
+            .where(OutgoingRow.mailbox == mailbox, OutgoingRow.deferred_due_at <= now,
+                   OutgoingRow.phase == Phase.DONE.value))
+        return int(count or 0)
+
+    async def claim_followups(self, mailbox: str, now: dt.datetime, *, limit: int,
+                              lease: dt.timedelta, owner: str) -> list[Claimed]:
+        """Take up to ``limit`` due follow-ups: phase ``claimed`` and a lease; status stays Sent.
+
+        The recipients each one submits to (those deferred and due now) are written in the
+        same transaction (``followup_recipients``), for recovery after a crash.
+        """
+        candidates = (select(OutgoingRow.email_id)
+                      .join(EmailRow, EmailRow.id == OutgoingRow.email_id)
+                      .where(OutgoingRow.mailbox == mailbox, OutgoingRow.deferred_due_at <= now,
+                             OutgoingRow.phase == Phase.DONE.value,
+                             EmailRow.status == EmailStatus.SENT.value)
+                      .order_by(OutgoingRow.priority.desc(), OutgoingRow.deferred_due_at,
+                                OutgoingRow.email_id)
+                      .limit(limit))
+        if self._skip_locked():
+            candidates = candidates.with_for_update(skip_locked=True, of=OutgoingRow)
+        ids = list(await self.session.scalars(candidates))
+        if not ids:
+            return []
+        taken = set(await self.session.scalars(
+            update(OutgoingRow).where(OutgoingRow.email_id.in_(ids),
+                                      OutgoingRow.phase == Phase.DONE.value,
+                                      OutgoingRow.deferred_due_at <= now)
+            .values(phase=Phase.CLAIMED.value, lease_until=now + lease, lease_owner=owner,
+                    updated_at=now).returning(OutgoingRow.email_id)))
+        if not taken:
+            return []
+        rows = {r.email_id: r for r in await self.session.scalars(
+            select(OutgoingRow).where(OutgoingRow.email_id.in_(taken)))}
+        claimed: list[Claimed] = []
+        journal: list[dict[str, Any]] = []
+        for email_id in ids:
+            row = rows.get(email_id)
+            if row is None:
+                continue
+            results = _results(row.recipient_results)
+            due = due_recipients(results, now)
+            journal.append({"email_id": email_id, "followup_recipients": list(due) or None,
+                            "phase": (Phase.CLAIMED if due else Phase.DONE).value,
+                            "deferred_due_at": deferred_due(results),
+                            "lease_until": now + lease if due else None,
+                            "lease_owner": owner if due else None})
+            if due:
+                claimed.append(dataclasses.replace(self._claimed(row), phase=Phase.CLAIMED,
+                                                   followup=due, results=results))
+        await self.session.execute(update(OutgoingRow), journal)
+        return claimed
+
+    async def stale_followups(self, mailbox: str, now: dt.datetime, *,
+                              limit: int = 500) -> list[Claimed]:
+        """Follow-ups held by a run whose lease has expired (it crashed)."""
+        rows = await self.session.scalars(
+            select(OutgoingRow).join(EmailRow, EmailRow.id == OutgoingRow.email_id)
+            .where(OutgoingRow.mailbox == mailbox,
+                   EmailRow.status == EmailStatus.SENT.value,
+                   OutgoingRow.phase.in_((Phase.CLAIMED.value, Phase.SUBMITTING.value)),
+                   OutgoingRow.lease_until < now)
+            .order_by(OutgoingRow.email_id).limit(limit))
+        return [dataclasses.replace(
+            self._claimed(r), followup=tuple(r.followup_recipients or ()),
+            results=_results(r.recipient_results)) for r in rows]
+
+    async def release_followups(self, email_ids: Sequence[int], now: dt.datetime) -> None:
+        """Follow-ups the caller knows never reached DATA: as they were, due again."""
+        if email_ids:
+            await self.session.execute(
+                update(OutgoingRow).where(OutgoingRow.email_id.in_(list(email_ids)),
+                                          OutgoingRow.phase.in_((Phase.CLAIMED.value,
+                                                                 Phase.SUBMITTING.value)))
+                .values(phase=Phase.DONE.value, followup_recipients=None, lease_until=None,
+                        lease_owner=None, updated_at=now))
+
     async def mark_submitting(self, email_ids: Sequence[int], now: dt.datetime) -> None:
         """The journal entry written just before SMTP DATA (see `core.outgoing.Phase`)."""
         await write_journal(await self.session.connection(), email_ids, (), now)
@@ -325,7 +449,54 @@ _OUTGOING_OUTCOME = (
                                                 type_=_OUTGOING.c.accepted_at.type),
                                       _OUTGOING.c.accepted_at),
             smtp_reply=func.coalesce(bindparam("b_reply", type_=Text()), _OUTGOING.c.smtp_reply),
+            deferred_due_at=bindparam("b_deferred", type_=_OUTGOING.c.deferred_due_at.type),
+            followup_recipients=None,
             updated_at=bindparam("b_now", type_=_OUTGOING.c.updated_at.type)))
+# a follow-up changes only the recipients' side: the email stays Sent, its attempts, Sent
+# copy, acceptance time and first reply stay as the first submission left them
+_FOLLOWUP_OUTCOME = (
+    update(_OUTGOING).where(_OUTGOING.c.email_id == bindparam("b_id"))
+    .values(phase=Phase.DONE.value, lease_until=None, lease_owner=None,
+            followup_recipients=None,
+            deferred_due_at=bindparam("b_deferred", type_=_OUTGOING.c.deferred_due_at.type),
+            last_error=bindparam("b_error", type_=Text()),
+            last_error_code=bindparam("b_code", type_=String()),
+            recipient_results=bindparam("b_results", type_=_OUTGOING.c.recipient_results.type),
+            updated_at=bindparam("b_now", type_=_OUTGOING.c.updated_at.type)))
+_BLOBS: Table = BlobRow.__table__  # type: ignore[assignment]
+_ALERTS: Table = AlertRow.__table__  # type: ignore[assignment]
+_MAILBOXES: Table = MailboxRow.__table__  # type: ignore[assignment]
+RECIPIENTS_FAILED_FIX = ("the email reached its other recipients; check the address with the "
+                         "recipient (or their administrator) and send them a new email")
+
+
+async def _keep_raw(connection: AsyncConnection, raws: Sequence[bytes]) -> None:
+    """The transmitted bytes of emails with deferred recipients, as blobs (once each)."""
+    dialect = connection.dialect.name
+    for raw in raws:
+        values = {"sha256": hashlib.sha256(raw).hexdigest(), "size": len(raw), "content": raw}
+        if dialect == "postgresql":
+            statement: Any = postgresql.insert(_BLOBS).values(**values).on_conflict_do_nothing()
+        else:
+            statement = sqlite.insert(_BLOBS).values(**values).on_conflict_do_nothing()
+        await connection.execute(statement)
+
+
+async def _raise_alerts(connection: AsyncConnection, outcomes: Sequence[Finish]) -> None:
+    """An alert per email with recipients given up, on its sender mailbox (one commit)."""
+    for f in outcomes:
+        if f.alert is None:
+            continue
+        source = (select(literal(Severity.WARNING.value), literal("recipients-failed"),
+                         literal(f.alert), literal(RECIPIENTS_FAILED_FIX), _MAILBOXES.c.id,
+                         _MAILBOXES.c.profile_id, literal(Channel.OUTGOING.value),
+                         literal(f.now, type_=_ALERTS.c.created_at.type))
+                  .select_from(_OUTGOING.outerjoin(
+                      _MAILBOXES, _MAILBOXES.c.address == _OUTGOING.c.mailbox))
+                  .where(_OUTGOING.c.email_id == f.email_id))
+        await connection.execute(insert(_ALERTS).from_select(
+            ["severity", "code", "message", "fix", "mailbox_id", "profile_id", "channel",
+             "created_at"], source))
 
 
 async def write_journal(connection: AsyncConnection, marks: Sequence[int],
@@ -333,6 +504,20 @@ async def write_journal(connection: AsyncConnection, marks: Sequence[int],
     """"Submitting" marks and attempt outcomes, inside the caller's transaction."""
     if marks:
         await connection.execute(_MARK, [{"b_id": i, "b_now": now} for i in marks])
+    if not outcomes:
+        return
+    raws = [f.raw for f in outcomes if f.raw is not None]
+    if raws:
+        await _keep_raw(connection, raws)
+    followups = [f for f in outcomes if f.followup]
+    if followups:
+        await connection.execute(_FOLLOWUP_OUTCOME, [
+            {"b_id": f.email_id, "b_deferred": f.deferred_due_at, "b_error": f.error,
+             "b_code": f.error_code, "b_results": _results_json(f.recipients),
+             "b_now": f.now} for f in followups])
+        outcomes = [f for f in outcomes if not f.followup]
+    if any(f.alert for f in (*followups, *outcomes)):
+        await _raise_alerts(connection, [*followups, *outcomes])
     if not outcomes:
         return
     await connection.execute(_EMAIL_OUTCOME, [
@@ -347,7 +532,9 @@ async def write_journal(connection: AsyncConnection, marks: Sequence[int],
          "b_error": f.error, "b_code": f.error_code,
          "b_results": _results_json(f.recipients),
          "b_copy": f.sent_copy.value if f.sent_copy is not None else None,
-         "b_accepted": f.accepted_at, "b_reply": f.smtp_reply, "b_now": f.now}
+         "b_accepted": f.accepted_at, "b_reply": f.smtp_reply,
+         "b_deferred": f.deferred_due_at if f.status is EmailStatus.SENT else None,
+         "b_now": f.now}
         for f in outcomes])
 
 
