@@ -65,7 +65,7 @@ import os
 import socket
 import ssl
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -74,7 +74,13 @@ from serversync.connectors import gmail, smtp, smtppipeline
 from serversync.connectors.net import ConnectOptions, tls_context
 from serversync.connectors.sentfolder import SentFolder
 from serversync.core import rules
-from serversync.core.compose import Composed, ComposeError, compose, make_message_id
+from serversync.core.compose import (
+    Composed,
+    ComposeError,
+    compose,
+    make_message_id,
+    needs_smtputf8,
+)
 from serversync.core.email import (
     Attachment,
     Direction,
@@ -87,6 +93,7 @@ from serversync.core.email import (
 from serversync.core.errors import (
     ConfigError,
     ItemError,
+    NotFound,
     PermanentError,
     RuleViolation,
     SyncError,
@@ -113,6 +120,10 @@ from serversync.core.outgoing import (
     RecipientStatus,
     SendState,
     backoff,
+    deferred_due,
+    merge,
+    settle,
+    summary,
 )
 from serversync.core.rules import Login
 from serversync.core.tokens import make_token
@@ -185,6 +196,7 @@ class _Item:
     built: Composed | ComposeError | None = None  # built ahead, for capabilities `offers`
     taken: bool = False  # a session has started sending it
     offers: tuple[bool, bool] = (False, False)  # (SMTPUTF8, 8BITMIME) it was built for
+    raw: bytes | None = None  # a follow-up's message: the bytes first transmitted
 
 
 @dataclass
@@ -198,13 +210,20 @@ class RunTally:
     recovered: int = 0
     copies: int = 0
     unknown: int = 0
+    # deferred recipients (SMTP): delivered by a follow-up, deferred (again), given up
+    later: int = 0
+    deferred: int = 0
+    given_up: int = 0
 
     def detail(self) -> str:
         parts = [f"{n} {label}" for n, label in (
             (self.sent, "sent"), (self.failed, "failed"), (self.retried, "to retry"),
             (self.released, "put back"), (self.recovered, "recovered"),
             (self.copies, "Sent copies made late"),
-            (self.unknown, "outcome unknown, decided after the lease")) if n]
+            (self.unknown, "outcome unknown, decided after the lease"),
+            (self.later, "deferred recipients delivered"),
+            (self.deferred, "recipients deferred"),
+            (self.given_up, "recipients given up")) if n]
         return ", ".join(parts) or "nothing due"
 
 
@@ -453,7 +472,8 @@ class _Run:
         try:
             await self._recover()
             await self._claim()
-            if self.copies_possible and any(i.claimed.save_to_sent for i in self.queue):
+            if self.copies_possible and any(i.claimed.save_to_sent and not i.claimed.followup
+                                            for i in self.queue):
                 # log in to IMAP while SMTP connects: the first copies need it at once
                 self._opening = asyncio.create_task(self._open_sent_folder())
             if self.queue:
@@ -478,10 +498,11 @@ class _Run:
         if self.connect_error is not None and not self.connected:
             raise self.connect_error
         async with self.db.transaction() as repo:
-            more = await OutgoingStore(repo.session).due_count(self.mailbox.address,
-                                                               self.clock()) > 0
-        return RunSummary(items=self.tally.sent, failures=self.tally.failed, more=more,
-                          detail=self.tally.detail())
+            store, now = OutgoingStore(repo.session), self.clock()
+            more = await store.due_count(self.mailbox.address, now) > 0 or \
+                await store.followups_due(self.mailbox.address, now) > 0
+        return RunSummary(items=self.tally.sent + self.tally.later, failures=self.tally.failed,
+                          more=more, detail=self.tally.detail())
 
     async def _claim(self) -> None:
         """Claim the next chunk of due email (one transaction) onto the queue.
@@ -495,15 +516,23 @@ class _Run:
         if limit <= 0:
             self.exhausted = True
             return
+        followups: list[Claimed] = []
         async with self.db.transaction() as repo:
-            claimed = await OutgoingStore(repo.session).claim(
+            store = OutgoingStore(repo.session)
+            claimed = await store.claim(
                 self.mailbox.address, self.clock(), limit=limit, lease=self.service.lease,
                 owner=self.service.worker)
+            if not self.claimed_count:  # deferred recipients: once per run, with the first
+                followups = await store.claim_followups(
+                    self.mailbox.address, self.clock(), limit=limit,
+                    lease=self.service.lease, owner=self.service.worker)
         # read the contents after the claim committed: on SQLite a write transaction that
         # also loaded them held the write lock long enough to stall the journal marks
         async with self.db.transaction() as repo:
-            activities = await EmailStore(repo.session).get_many(
-                [c.email_id for c in claimed], with_content=True)
+            emails = EmailStore(repo.session)
+            activities = await emails.get_many([c.email_id for c in claimed], with_content=True)
+            sent = await emails.get_many([c.email_id for c in followups])
+            raws = {c.email_id: await _kept_raw(emails, sent[c.email_id]) for c in followups}
         self.claimed_count += len(claimed)
         if len(claimed) < limit:
             self.exhausted = True
@@ -511,6 +540,7 @@ class _Run:
         if self._offers is not None:
             self._build(items, self._offers)
         self.queue.extend(items)
+        self.queue.extend(_Item(c, sent[c.email_id], raw=raws[c.email_id]) for c in followups)
 
     def _kick_refill(self) -> None:
         """Start claiming the next chunk in the background when the queue runs low."""
@@ -533,7 +563,10 @@ class _Run:
         return bool(self.queue)
 
     async def _settle_untried(self) -> None:
-        """Emails claimed but never tried: back to Pending Send, or a counted retry."""
+        """Emails claimed but never tried: back to Pending Send, or a counted retry.
+
+        Follow-ups alike: released as they were, or a counted attempt for their recipients.
+        """
         untried = list(self.queue)
         self.queue.clear()
         if not untried:
@@ -541,12 +574,19 @@ class _Run:
         if self.fatal is not None or self.connect_error is None:
             # stopped by a channel failure, or out of time: the attempt did not happen
             async with self.db.transaction() as repo:
-                await OutgoingStore(repo.session).release(
-                    [i.claimed.email_id for i in untried], self.clock())
+                store = OutgoingStore(repo.session)
+                await store.release([i.claimed.email_id for i in untried
+                                     if not i.claimed.followup], self.clock())
+                await store.release_followups([i.claimed.email_id for i in untried
+                                               if i.claimed.followup], self.clock())
             self.tally.released += len(untried)
             return
         for item in untried:  # the server could not be reached: a failed attempt
-            self._retry(item, self.connect_error, ())
+            if item.claimed.followup:
+                self._finish_followup(item, _all(item.claimed.followup, RecipientStatus.DEFERRED,
+                                                 0, self.connect_error.message))
+            else:
+                self._retry(item, self.connect_error, ())
 
     # ------------------------------------------------------------ SMTP sessions
 
@@ -597,10 +637,16 @@ class _Run:
                     except Exception as exc:  # a bug must not strand the batch in Sending
                         log.exception("sending email activity %s failed unexpectedly",
                                       item.claimed.email_id)
-                        self._fail(item, ItemError(
-                            f"internal error while sending: {type(exc).__name__}: {exc}",
-                            fix="report it with the log; the email may or may not have "
-                                "been delivered", code="internal"), ())
+                        internal = (f"internal error while sending: {type(exc).__name__}: "
+                                    f"{exc}")
+                        if item.claimed.followup:  # the email was sent: its recipients fail
+                            self._finish_followup(item, _all(
+                                item.claimed.followup, RecipientStatus.FAILED, 0,
+                                f"{internal}; it may or may not have been delivered"))
+                        else:
+                            self._fail(item, ItemError(
+                                internal, fix="report it with the log; the email may or may "
+                                              "not have been delivered", code="internal"), ())
                         keep = False
                     self.proven.set()
                     if not keep:
@@ -641,6 +687,8 @@ class _Run:
         ``premark`` is this email's "submitting" mark, started while the session's previous
         email was being sent; without it the mark is written as the envelope goes out.
         """
+        if item.claimed.followup:
+            return await self._send_followup(client, item, premark)
         now = self.clock()
         claimed, activity = item.claimed, item.activity
         item.taken = True
@@ -676,14 +724,9 @@ class _Run:
                 await self.journal.submitting(claimed.email_id)
 
         try:
-            if isinstance(client, smtppipeline.SubmissionClient):
-                submission = await client.submit(
-                    sender, composed.recipients, composed.raw, smtputf8=composed.smtputf8,
-                    eightbit=composed.eightbit, before_data=mark)
-            else:
-                submission = await smtp.submit(
-                    client, sender, composed.recipients, composed.raw,
-                    smtputf8=composed.smtputf8, eightbit=composed.eightbit, before_data=mark)
+            submission = await _submit(client, sender, composed.recipients, composed.raw,
+                                       smtputf8=composed.smtputf8, eightbit=composed.eightbit,
+                                       before_data=mark)
         except smtp.MessageRefused as exc:
             self._fail(item, exc, (*_results(exc.refused), *unreachable))
             return client.is_connected
@@ -701,17 +744,18 @@ class _Run:
             self._retry(item, exc, unreachable)
             return False
         _crash_point("after-data")
-        results = (*(RecipientResult(a, RecipientStatus.ACCEPTED, c, m)
-                     for a, (c, m) in submission.accepted.items()),
-                   *_results(submission.refused), *unreachable)
-        not_delivered = [r for r in results if r.status is not RecipientStatus.ACCEPTED]
+        # deferred recipients get their own attempts and next attempt (follow-ups)
+        results = tuple(settle(r, claimed.attempts, now, progressed=True) for r in (
+            *_accepted(submission), *_results(submission.refused), *unreachable))
+        error, error_code = summary(results)
+        due = deferred_due(results)
+        self._count_recipients(results)
         outcome = Finish(
-            claimed.email_id, EmailStatus.SENT, claimed.attempts, now,
-            error="; ".join(f"not delivered to {r.address}: {r.code or ''} {r.message}".strip()
-                            for r in not_delivered) or None,
-            error_code="recipients-refused" if not_delivered else None,
-            recipients=results, accepted_at=now, smtp_reply=submission.reply,
-            content_hash=hashlib.sha256(composed.raw).hexdigest())
+            claimed.email_id, EmailStatus.SENT, claimed.attempts, now, error=error,
+            error_code=error_code, recipients=results, accepted_at=now,
+            smtp_reply=submission.reply, content_hash=hashlib.sha256(composed.raw).hexdigest(),
+            deferred_due_at=due, raw=composed.raw if due is not None else None,
+            alert=_given_up_alert(claimed, (), results))
         if claimed.save_to_sent and self.copies_possible:
             self._queue_copy((item, composed, outcome))
         else:  # no copy wanted, or no IMAP folder to put it in (POP3 profiles)
@@ -732,8 +776,8 @@ class _Run:
 
     def _build(self, items: Iterable[_Item], offers: tuple[bool, bool]) -> None:
         for item in items:
-            if item.taken or item.built is not None:
-                continue
+            if item.taken or item.built is not None or item.claimed.followup:
+                continue  # a follow-up is sent with the bytes first transmitted
             try:
                 item.built = compose(item.activity, date=item.claimed.date_header,
                                      smtputf8_offered=offers[0], eightbit_offered=offers[1],
@@ -754,9 +798,11 @@ class _Run:
 
     def _fail(self, item: _Item, error: SyncError,
               results: Sequence[RecipientResult]) -> None:
+        attempts = item.claimed.attempts
         self.journal.finish(Finish(
-            item.claimed.email_id, EmailStatus.FAILED, item.claimed.attempts, self.clock(),
-            error=str(error), error_code=error.code, recipients=tuple(results)))
+            item.claimed.email_id, EmailStatus.FAILED, attempts, self.clock(),
+            error=str(error), error_code=error.code,
+            recipients=tuple(dataclasses.replace(r, attempts=attempts) for r in results)))
         self.tally.failed += 1
 
     def _retry(self, item: _Item, error: SyncError,
@@ -769,11 +815,101 @@ class _Run:
             return
         now = self.clock()
         retry_after = getattr(error, "retry_after", None)
+        next_at = now + backoff(attempts, retry_after)
         self.journal.finish(Finish(
             item.claimed.email_id, EmailStatus.PENDING_SEND, attempts, now,
-            next_attempt_at=now + backoff(attempts, retry_after), error=str(error),
-            error_code=error.code, recipients=tuple(results)))
+            next_attempt_at=next_at, error=str(error), error_code=error.code,
+            recipients=tuple(dataclasses.replace(
+                r, attempts=attempts,
+                next_attempt_at=next_at if r.status is RecipientStatus.DEFERRED else None)
+                for r in results)))
         self.tally.retried += 1
+
+    def _count_recipients(self, results: Sequence[RecipientResult]) -> None:
+        self.tally.deferred += sum(r.status is RecipientStatus.DEFERRED for r in results)
+        self.tally.given_up += sum(r.status is RecipientStatus.FAILED for r in results)
+
+    # ------------------------------------------------------------ follow-ups
+
+    async def _send_followup(self, client: _Client, item: _Item,
+                             premark: asyncio.Future[None] | None) -> bool:
+        """Submit a Sent email's message again, to its deferred recipients alone.
+
+        The bytes are the ones first transmitted (kept as a blob under the email's content
+        hash), so the message — Message-ID, Date, boundaries — is the same; the Sent folder
+        already has its copy. The "submitting" mark guards DATA exactly as for a first
+        submission; its outcome is recorded per recipient. False: replace the session.
+        """
+        claimed = item.claimed
+        recipients = claimed.followup
+        item.taken = True
+        raw, item.raw = item.raw, None
+        if raw is None:
+            self._finish_followup(item, _all(
+                recipients, RecipientStatus.FAILED, 0,
+                "the message as first transmitted is no longer stored, so it cannot be sent "
+                "again unchanged"))
+            return True
+        sender = smtp.envelope_sender(self.login)
+        smtputf8 = not raw.partition(b"\r\n\r\n")[0].isascii() or \
+            any(needs_smtputf8(a) for a in (sender, *recipients))
+        eightbit = not raw.isascii()
+        offers = _offers(client)
+        missing = [name for needed, offered, name in ((smtputf8, offers[0], "SMTPUTF8"),
+                                                      (eightbit, offers[1], "8BITMIME"))
+                   if needed and not offered]
+        if missing:  # sent with it the first time: the server's configuration changed
+            self._finish_followup(item, _all(
+                recipients, RecipientStatus.DEFERRED, 0,
+                f"the server no longer offers {' and '.join(missing)}, which this message "
+                "was first sent with"))
+            return True
+
+        async def mark() -> None:
+            if premark is not None:
+                await premark
+            else:
+                await self.journal.submitting(claimed.email_id)
+
+        try:
+            submission = await _submit(client, sender, recipients, raw, smtputf8=smtputf8,
+                                       eightbit=eightbit, before_data=mark)
+        except smtp.MessageRefused as exc:  # MAIL FROM or DATA refused: no one got it
+            self._finish_followup(item, (*_results(exc.refused), *_all(
+                [a for a in recipients if a not in exc.refused], RecipientStatus.REJECTED,
+                exc.reply_code, exc.message)))
+            return client.is_connected
+        except smtp.MessageDeferred as exc:
+            self._finish_followup(item, (*_results(exc.refused), *_all(
+                [a for a in recipients if a not in exc.refused], RecipientStatus.DEFERRED,
+                exc.reply_code, exc.message)))
+            return client.is_connected
+        except smtp.OutcomeUnknown as exc:  # never twice: not retried, per recipient
+            self._finish_followup(item, _all(recipients, RecipientStatus.FAILED, 0,
+                                             f"{exc.message}; not sent to them again"))
+            return False
+        except PermanentError as exc:  # sender-not-owned: untouched, the channel stops
+            self._finish_followup(item, ())
+            self.fatal = exc
+            return False
+        except TransientError as exc:  # connection lost before DATA: a counted attempt
+            self._finish_followup(item, _all(recipients, RecipientStatus.DEFERRED, 0,
+                                             exc.message))
+            return False
+        _crash_point("after-data")
+        self._finish_followup(item, (*_accepted(submission), *_results(submission.refused)))
+        return True
+
+    def _finish_followup(self, item: _Item, updates: Sequence[RecipientResult]) -> None:
+        """Record a follow-up (no updates: released untouched, the attempt not counted)."""
+        outcome = _followup_outcome(item.claimed, updates, self.clock())
+        self.journal.finish(outcome)
+        changed = {r.address for r in updates}
+        mine = [r for r in outcome.recipients if r.address in changed]
+        self.tally.later += sum(r.status is RecipientStatus.ACCEPTED for r in mine)
+        self._count_recipients(mine)
+        if not updates:
+            self.tally.released += 1
 
     # ------------------------------------------------------------ Sent folder
 
@@ -903,6 +1039,7 @@ class _Run:
             stale = [c for c in stale if c.email_id in taken]
             untried = [c.email_id for c in stale if c.phase is Phase.CLAIMED]
             await store.release(untried, now)
+            await self._recover_followups(store, now)
             copies = await store.pending_copies(self.mailbox.address) \
                 if self.copies_possible else []
         self.tally.released += len(untried)
@@ -941,6 +1078,30 @@ class _Run:
         if outcomes:
             async with self.db.transaction() as repo:
                 await OutgoingStore(repo.session).finish(outcomes)
+
+    async def _recover_followups(self, store: OutgoingStore, now: dt.datetime) -> None:
+        """Follow-ups a crashed run held: released if DATA never started, else not resent.
+
+        A follow-up has no proof to look for (the Sent copy was made by the first
+        submission), so one marked ``submitting`` is settled like an email without proof:
+        each of its recipients is failed as "outcome unknown", never submitted to again.
+        """
+        stale = await store.stale_followups(self.mailbox.address, now)
+        taken = set(await store.retake([c.email_id for c in stale], now,
+                                       lease=self.service.lease, owner=self.service.worker))
+        stale = [c for c in stale if c.email_id in taken]
+        untried = [c.email_id for c in stale if c.phase is Phase.CLAIMED]
+        await store.release_followups(untried, now)
+        self.tally.released += len(untried)
+        outcomes = [_followup_outcome(c, _all(
+            c.followup, RecipientStatus.FAILED, 0,
+            "a run was interrupted while the message was being submitted to this recipient "
+            "again; the server may or may not have accepted it, so it is not sent again "
+            "automatically"), now) for c in stale if c.phase is Phase.SUBMITTING]
+        for outcome in outcomes:
+            self._count_recipients([r for r in outcome.recipients
+                                    if r.status is RecipientStatus.FAILED])
+        await store.finish(outcomes)
 
     async def _late_copies(self, copies: Sequence[Claimed], folder: SentFolder | None) -> None:
         """Sent-folder copies that failed earlier: rebuild (same bytes) and append once."""
@@ -991,3 +1152,63 @@ def _results(refused: dict[str, tuple[int, str]]) -> tuple[RecipientResult, ...]
     return tuple(RecipientResult(a, RecipientStatus.DEFERRED if 400 <= c < 500
                                  else RecipientStatus.REJECTED, c, m)
                  for a, (c, m) in refused.items())
+
+
+def _accepted(submission: smtp.Submission) -> tuple[RecipientResult, ...]:
+    return tuple(RecipientResult(a, RecipientStatus.ACCEPTED, c, m)
+                 for a, (c, m) in submission.accepted.items())
+
+
+def _all(addresses: Iterable[str], status: RecipientStatus, code: int,
+         message: str) -> tuple[RecipientResult, ...]:
+    return tuple(RecipientResult(a, status, code, message) for a in addresses)
+
+
+async def _submit(client: _Client, sender: str, recipients: Sequence[str], raw: bytes, *,
+                  smtputf8: bool, eightbit: bool,
+                  before_data: Callable[[], Awaitable[None]]) -> smtp.Submission:
+    if isinstance(client, smtppipeline.SubmissionClient):
+        return await client.submit(sender, recipients, raw, smtputf8=smtputf8,
+                                   eightbit=eightbit, before_data=before_data)
+    return await smtp.submit(client, sender, recipients, raw, smtputf8=smtputf8,
+                             eightbit=eightbit, before_data=before_data)
+
+
+async def _kept_raw(emails: EmailStore, activity: EmailActivity) -> bytes | None:
+    """The bytes a Sent email was first transmitted with (kept while recipients wait)."""
+    if not activity.content_hash:
+        return None
+    try:
+        raw = await emails.get_blob(activity.content_hash)
+    except NotFound:
+        return None
+    return raw if hashlib.sha256(raw).hexdigest() == activity.content_hash else None
+
+
+def _followup_outcome(claimed: Claimed, updates: Sequence[RecipientResult],
+                      now: dt.datetime) -> Finish:
+    """A follow-up's outcome: its recipients' new results merged into the email's.
+
+    Each update counts one more attempt for that recipient (`core.outgoing.settle`: the
+    same backoff and `MAX_ATTEMPTS` as whole-message retries); the email stays Sent.
+    """
+    before = {r.address: r for r in claimed.results}
+    progressed = any(u.status is RecipientStatus.ACCEPTED for u in updates)
+    settled = [settle(u, (before[u.address].attempts if u.address in before else 0) + 1, now,
+                      progressed=progressed) for u in updates]
+    results = merge(claimed.results, settled)
+    error, code = summary(results)
+    return Finish(claimed.email_id, EmailStatus.SENT, claimed.attempts, now, error=error,
+                  error_code=code, recipients=results, deferred_due_at=deferred_due(results),
+                  followup=True, alert=_given_up_alert(claimed, claimed.results, settled))
+
+
+def _given_up_alert(claimed: Claimed, before: Sequence[RecipientResult],
+                    after: Sequence[RecipientResult]) -> str | None:
+    """The alert text when recipients of a Sent email were just given up on (else None)."""
+    already = {r.address for r in before if r.status is RecipientStatus.FAILED}
+    lost = [r for r in after if r.status is RecipientStatus.FAILED and r.address not in already]
+    if not lost:
+        return None
+    return (f"email activity {claimed.email_id} ({claimed.message_id}) was sent, but not "
+            "delivered to " + "; ".join(f"{r.address}: {r.message}" for r in lost))
