@@ -26,6 +26,10 @@ One run, for one mailbox:
    their outcome (again group-committed): *Sent* with per-recipient results, or a retry with
    backoff (4xx, broken connection before DATA: attempts and next attempt are visible), or
    *Failed* (5xx, with the server's reason; or after `MAX_ATTEMPTS`).
+5. **Follow-ups**: recipients a server deferred (4xx at RCPT) while accepting others are
+   `deferred`, each with attempts and a next attempt; the run claims the due ones with its
+   first chunk and submits the bytes first transmitted (kept as a blob) to them alone,
+   through the same sessions and journal; the email stays *Sent* (docs/outgoing.md).
 
 Whole-channel failures raise, for the runtime to disable the channel with an alert
 (`services.runs.ChannelRunner`): an authentication failure or a server that refuses the
@@ -47,6 +51,9 @@ unknown. The mechanism:
   ``outcome-unknown`` and a reason saying it may have been delivered. Never twice wins over
   at least once; the window is two messages per SMTP session (the one in DATA, and the next
   one, marked ahead and not yet sent).
+
+A follow-up has no such proof (the Sent copy dates from the first submission): one left
+``submitting`` fails its recipients as "outcome unknown" and is never resent to them.
 
 The crash test sets ``SERVERSYNC_TEST_CRASH_OUTGOING`` to ``after-data`` (exit right after
 the server's ``250``; ``after-data@2``: the second time) or ``after-sent-copy`` (after the
