@@ -27,6 +27,7 @@ from rich.table import Table
 
 from serversync import wiring
 from serversync.config import Settings
+from serversync.connectors.oauth import DeviceCode
 from serversync.core.errors import ConfigError, SyncError
 from serversync.core.model import (
     Alert,
@@ -636,6 +637,22 @@ def mailbox_test_enable(address: str, as_json: JsonOpt = False) -> None:
         print_report(report)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@mailbox_app.command("sign-in")
+def mailbox_sign_in(address: str) -> None:
+    """Let the mailbox's user sign in to Exchange Online (their own consent, no password).
+
+    Shows a code; the user opens Microsoft's page on any device, enters it and signs in.
+    The refresh token that results is stored encrypted as the mailbox's secret.
+    """
+    def show(code: DeviceCode) -> None:
+        out.print(code.message or f"To sign in, open {code.verification_uri} and enter the "
+                  f"code {code.user_code}", highlight=False, soft_wrap=True)
+        out.print("[dim]waiting for the sign-in…[/]")
+    who = run(lambda s: s.sign_in(address, show))
+    out.print(f"signed in as {who}; run: serversync mailbox test-enable {address}",
+              highlight=False)
 
 
 # ---------------------------------------------------------------- directory

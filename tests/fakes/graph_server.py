@@ -68,6 +68,11 @@ def _b64(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
 
 
+DELEGATED_ALL = frozenset({"Mail.ReadWrite", "Mail.Send", "Calendars.ReadWrite",
+                           "Contacts.ReadWrite", "Tasks.ReadWrite", "offline_access"})
+GRAPH_SCOPE_PREFIX = "https://graph.microsoft.com/"
+
+
 @dataclass
 class App:
     client_id: str
@@ -75,6 +80,9 @@ class App:
     roles: set[str] = field(default_factory=lambda: set(ROLES_ALL))
     # keyCredentials: uploaded certificates (public part), by x5t#S256 thumbprint
     certificates: dict[str, x509.Certificate] = field(default_factory=dict)
+    # delegated permissions the registration asks users for (requiredResourceAccess, Scope)
+    delegated: set[str] = field(default_factory=lambda: set(DELEGATED_ALL))
+    user: str | None = None  # set on the view of a delegated token: the signed-in user
 
 
 def x5t_s256(certificate: x509.Certificate) -> str:
@@ -101,12 +109,28 @@ class User:
         return self.collections.setdefault(name, Collection())
 
 
+@dataclass
+class DeviceSignIn:
+    """A pending device authorization (RFC 8628) and what the user did with it."""
+
+    client_id: str
+    scopes: frozenset[str]
+    user_code: str
+    user: str | None = None
+    declined: bool = False
+
+
 class GraphServer:
     def __init__(self, tenant: str = "contoso-tenant") -> None:
         self.tenant = tenant
         self.apps: dict[str, App] = {}
         self.users: dict[str, User] = {}
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client id, expiry)
+        self.delegated: dict[str, tuple[str, frozenset[str]]] = {}  # token -> (user, scp)
+        # refresh token -> (client id, user, scopes); old ones stay valid after rotation
+        self.refresh_tokens: dict[str, tuple[str, str, frozenset[str]]] = {}
+        self.refresh_uses: list[str] = []  # refresh tokens presented, in order
+        self.device_sign_ins: dict[str, DeviceSignIn] = {}  # by device code
         self.throttle: list[float] = []  # Retry-After values for the next API requests
         # the same, for the next requests whose path ends with a name (e.g. "sendMail")
         self.throttle_for: dict[str, list[float]] = {}
@@ -219,6 +243,8 @@ class GraphServer:
             params = dict(urllib.parse.parse_qsl(query))
             if path == f"/{self.tenant}/oauth2/v2.0/token" and request.method == "POST":
                 return self._token(request)
+            if path == f"/{self.tenant}/oauth2/v2.0/devicecode" and request.method == "POST":
+                return self._device_code(request)
             if not path.startswith("/v1.0/"):
                 return _json(404, _err("NotFound", "no such endpoint"))
             app = self._bearer(request)
@@ -235,6 +261,10 @@ class GraphServer:
                 return self._subscriptions(request, app, parts[1:])
             if parts[0] != "users" or len(parts) < 3:
                 return _json(400, _err("BadRequest", "unsupported path"))
+            if app.user is not None and parts[1].lower() != app.user:
+                # a delegated token reaches only its own user's mailbox (no shared access here)
+                return _json(403, _err("ErrorAccessDenied", "Access is denied. Check "
+                                                            "credentials and try again."))
             user = self.users.get(parts[1].lower())
             if user is None:
                 return _json(404, _err("ErrorInvalidUser",
@@ -248,7 +278,10 @@ class GraphServer:
     def _token(self, request: Recorded) -> Reply:
         form = dict(urllib.parse.parse_qsl(request.body.decode()))
         app = self.apps.get(form.get("client_id", ""))
-        if form.get("grant_type") != "client_credentials":
+        grant = form.get("grant_type")
+        if grant in ("refresh_token", "urn:ietf:params:oauth:grant-type:device_code"):
+            return self._delegated_token(app, form)
+        if grant != "client_credentials":
             return _json(400, {"error": "unsupported_grant_type"})
         if app is None:
             return _json(400, {"error": "unauthorized_client", "error_codes": [700016],
@@ -274,6 +307,89 @@ class GraphServer:
         self.tokens[token] = (app.client_id, expires)
         return _json(200, {"token_type": "Bearer", "expires_in": self.token_lifetime,
                            "ext_expires_in": self.token_lifetime, "access_token": token})
+
+    # ------------------------------------------------------------ delegated (user) tokens
+
+    def approve(self, user_code: str, address: str) -> None:
+        """The user signs in on Microsoft's page and accepts the permissions."""
+        with self._lock:
+            pending = next(s for s in self.device_sign_ins.values() if s.user_code == user_code)
+            pending.user = address.lower()
+
+    def decline(self, user_code: str) -> None:
+        with self._lock:
+            next(s for s in self.device_sign_ins.values()
+                 if s.user_code == user_code).declined = True
+
+    def revoke(self, address: str) -> None:
+        """Revoke every refresh token of a user (password reset, admin sign-out)."""
+        with self._lock:
+            self.refresh_tokens = {t: v for t, v in self.refresh_tokens.items()
+                                   if v[1] != address.lower()}
+
+    def _scopes(self, app: App, text: str) -> frozenset[str]:
+        asked = {s.removeprefix(GRAPH_SCOPE_PREFIX) for s in text.split()}
+        return frozenset(asked & app.delegated)
+
+    def _device_code(self, request: Recorded) -> Reply:
+        # https://learn.microsoft.com/en-us/entra/identity-platform/v2-oauth2-device-code
+        form = dict(urllib.parse.parse_qsl(request.body.decode()))
+        app = self.apps.get(form.get("client_id", ""))
+        if app is None:
+            return _json(400, {"error": "unauthorized_client", "error_codes": [700016]})
+        device_code = f"DAQABAAEAAA-{next(self._ids)}"
+        user_code = f"F{next(self._ids):07d}"
+        self.device_sign_ins[device_code] = DeviceSignIn(
+            app.client_id, self._scopes(app, form.get("scope", "")), user_code)
+        return _json(200, {
+            "user_code": user_code, "device_code": device_code,
+            "verification_uri": "https://microsoft.com/devicelogin", "expires_in": 900,
+            "interval": 1, "message": "To sign in, use a web browser to open the page "
+            f"https://microsoft.com/devicelogin and enter the code {user_code} to "
+            "authenticate."})
+
+    def _delegated_token(self, app: App | None, form: dict[str, str]) -> Reply:
+        if app is None:
+            return _json(400, {"error": "unauthorized_client", "error_codes": [700016]})
+        if app.secret is not None and form.get("client_secret") != app.secret:
+            return _json(401, {"error": "invalid_client", "error_codes": [7000215],
+                               "error_description": "AADSTS7000215: Invalid client secret "
+                               "provided."})
+        if form["grant_type"] == "refresh_token":
+            presented = form.get("refresh_token", "")
+            self.refresh_uses.append(presented)
+            entry = self.refresh_tokens.get(presented)
+            if entry is None or entry[0] != app.client_id:
+                return _json(400, {"error": "invalid_grant", "error_codes": [700082],
+                                   "error_description": "AADSTS700082: The refresh token has "
+                                   "expired due to inactivity."})
+            _, user, scopes = entry
+        else:
+            pending = self.device_sign_ins.get(form.get("device_code", ""))
+            if pending is None:
+                return _json(400, {"error": "expired_token", "error_codes": [70020]})
+            if pending.declined:
+                return _json(400, {"error": "authorization_declined", "error_codes": [70000]})
+            if pending.user is None:
+                return _json(400, {"error": "authorization_pending", "error_codes": [70016]})
+            del self.device_sign_ins[form["device_code"]]
+            user, scopes = pending.user, pending.scopes
+        expires = time.time() + self.token_lifetime
+        graph_scopes = frozenset(scopes - {"offline_access"})
+        token = ".".join([_b64({"typ": "JWT", "alg": "none"}),
+                          _b64({"aud": "https://graph.microsoft.com", "appid": app.client_id,
+                                "scp": " ".join(sorted(graph_scopes)), "upn": user,
+                                "tid": self.tenant, "exp": int(expires),
+                                "n": next(self._ids)}), "sig"])
+        self.tokens[token] = (app.client_id, expires)
+        self.delegated[token] = (user, graph_scopes)
+        answer: dict[str, Any] = {"token_type": "Bearer", "expires_in": self.token_lifetime,
+                                  "scope": " ".join(sorted(scopes)), "access_token": token}
+        if "offline_access" in scopes:
+            refresh = f"0.AAAA-rt-{next(self._ids)}"
+            self.refresh_tokens[refresh] = (app.client_id, user, scopes)
+            answer["refresh_token"] = refresh
+        return _json(200, answer)
 
     def _check_assertion(self, app: App, form: dict[str, str]) -> Reply | None:
         """Verify a certificate credential as the identity platform documents it."""
@@ -338,6 +454,10 @@ class GraphServer:
         if expires < time.time():
             return _json(401, _err("InvalidAuthenticationToken",
                                    "Lifetime validation failed, the token is expired."))
+        delegated = self.delegated.get(header[7:])
+        if delegated is not None:  # the user's permissions, for the user's mailbox only
+            user, scopes = delegated
+            return App(client_id, None, roles=set(scopes), user=user)
         return self.apps[client_id]
 
     def _need(self, app: App, *roles: str) -> Reply | None:

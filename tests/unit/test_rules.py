@@ -93,14 +93,28 @@ def test_separate_outgoing_credentials_apply_only_when_same_settings_is_off() ->
         AccessMode.OWN, "alice@example.com", Secret("own-pw"))
 
 
-def test_exchange_online_is_app_only() -> None:
+def test_exchange_online_is_app_only_or_each_users_consent() -> None:
     online = Profile(name="m365", kind=ServerKind.EXCHANGE_ONLINE, incoming=None,
                      credential_source=CredentialSource.APP, tenant_id="t", client_id="c",
                      client_secret=Secret("cs"))
     rules.validate_profile(online)
     with pytest.raises(RuleViolation) as caught:
-        rules.validate_profile(dataclasses.replace(online, credential_source=CredentialSource.MAILBOX))
+        rules.validate_profile(dataclasses.replace(
+            online, credential_source=CredentialSource.PROFILE, client_secret=None,
+            service_user="svc@x.test", service_secret=Secret("pw")))
     assert caught.value.code == "app-only"
+    consent = dataclasses.replace(online, credential_source=CredentialSource.MAILBOX,
+                                  client_secret=None)
+    rules.validate_profile(consent)  # a public client: each user signs in (device code)
+    with pytest.raises(ConfigError, match="client_id"):
+        rules.validate_profile(dataclasses.replace(consent, client_id=None))
+    user = Mailbox("a@example.com", PartyKind.USER, "a", "m365", allow_credentials=True)
+    with pytest.raises(RuleViolation, match="has not signed in") as missing:
+        rules.login_for(consent, user, Channel.INCOMING)
+    assert "serversync mailbox sign-in a@example.com" in (missing.value.fix or "")
+    login = rules.login_for(consent, dataclasses.replace(user, secret=Secret("rt")),
+                            Channel.ACT)
+    assert (login.mode, login.secret) == (AccessMode.OWN, Secret("rt"))
     with pytest.raises(RuleViolation, match="no service account password"):
         rules.validate_profile(dataclasses.replace(online, service_secret=Secret("x")))
     mailbox = Mailbox("a@example.com", PartyKind.USER, "a", "m365", secret=Secret("pw"))

@@ -34,7 +34,7 @@ import base64
 import datetime as dt
 import json
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,15 @@ import httpx
 
 from serversync.connectors import certificates
 from serversync.connectors.net import ConnectOptions, tls_context, translate
-from serversync.connectors.oauth import AccessToken, TokenCache, retry_after
+from serversync.connectors.oauth import (
+    REFRESH_TOKENS,
+    AccessToken,
+    DeviceCode,
+    TokenCache,
+    finish_device_sign_in,
+    retry_after,
+    start_device_sign_in,
+)
 from serversync.connectors.protocols import (
     Disposition,
     FetchBatch,
@@ -59,12 +67,20 @@ from serversync.core.errors import (
     SyncError,
     TransientError,
 )
-from serversync.core.model import Channel, Endpoint, Mailbox, Profile
+from serversync.core.model import AccessMode, Channel, Endpoint, Mailbox, Profile
 from serversync.core.rules import Login
+from serversync.core.secret import Secret
 
 GRAPH_ROOT = "https://graph.microsoft.com/v1.0"
 TOKEN_URL = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"
 SCOPE = "https://graph.microsoft.com/.default"
+# What a user consents to for their own mailbox (delegated permissions; offline_access makes
+# the token endpoint return the refresh token we keep).
+DELEGATED_SCOPE = ("offline_access https://graph.microsoft.com/Mail.ReadWrite "
+                   "https://graph.microsoft.com/Mail.Send "
+                   "https://graph.microsoft.com/Calendars.ReadWrite "
+                   "https://graph.microsoft.com/Contacts.ReadWrite "
+                   "https://graph.microsoft.com/Tasks.ReadWrite")
 MAIL_SUBSCRIPTION_MAX = dt.timedelta(minutes=4230)  # Graph's limit for Outlook resources
 RENEW_MARGIN = dt.timedelta(hours=6)
 # The application permission each operation needs, for messages that say what to grant.
@@ -128,6 +144,47 @@ def token_url(profile: Profile) -> str:
     return TOKEN_URL.format(tenant=urllib.parse.quote(profile.tenant_id, safe=""))
 
 
+def device_code_url(profile: Profile) -> str:
+    """The device authorization endpoint beside the token endpoint (``…/devicecode``)."""
+    url = token_url(profile)
+    return url[: -len("/token")] + "/devicecode" if url.endswith("/token") else url + "/devicecode"
+
+
+async def sign_in(profile: Profile, mailbox: Mailbox, options: ConnectOptions,
+                  on_code: Callable[[DeviceCode], None], *,
+                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                  transport: httpx.AsyncBaseTransport | None = None) -> AccessToken:
+    """A user's own sign-in for their mailbox (device authorization grant, RFC 8628).
+
+    The user opens Microsoft's page on any device and enters the code ``on_code`` shows;
+    the answer carries the refresh token the mailbox keeps. The token must be the mailbox's
+    own user: a sign-in by anyone else is refused (it would sync their mailbox instead).
+    """
+    _check_https("token_url", token_url(profile), profile)
+    what = f"Graph sign-in for {mailbox.address}"
+    async with httpx.AsyncClient(timeout=options.timeout, follow_redirects=False,
+                                 transport=transport, verify=tls_context(options.ca_file)) as http:
+        code = await start_device_sign_in(http, device_code_url(profile),
+                                          profile.client_id or "", DELEGATED_SCOPE, what=what)
+        on_code(code)
+        token = await finish_device_sign_in(http, token_url(profile), profile.client_id or "",
+                                            code, what=what, client_secret=profile.client_secret,
+                                            sleep=sleep)
+    if token.refresh_token is None:
+        raise AuthError(f"{what}: Microsoft returned no refresh token",
+                        fix="add the delegated permission offline_access to the app "
+                            "registration", code="permission-missing")
+    wanted = {mailbox.address.lower(), (mailbox.username or mailbox.address).lower()}
+    names = {str(token.claims[c]).lower() for c in ("upn", "preferred_username",
+                                                    "unique_name", "email")
+             if token.claims.get(c)}
+    if names and not names & wanted:
+        raise AuthError(f"{what}: signed in as {sorted(names)[0]}, not as the mailbox's user",
+                        fix=f"sign in as {mailbox.username or mailbox.address}",
+                        code="wrong-user")
+    return token
+
+
 def _check_https(field: str, url: str, profile: Profile) -> None:
     if url.startswith("http://") and not profile.allow_plaintext:
         raise ConfigError(field, "plain http would send tokens unencrypted",
@@ -179,7 +236,15 @@ class GraphClient:
 
     # ------------------------------------------------------------ tokens and requests
 
+    @property
+    def delegated(self) -> bool:
+        """A user's own consent (refresh token) rather than the app's own permissions."""
+        return self.login.mode is AccessMode.OWN
+
     def _token_key(self) -> tuple[str, ...]:
+        if self.delegated:
+            return (token_url(self.profile), self.profile.client_id or "", DELEGATED_SCOPE,
+                    self.login.target)
         return (token_url(self.profile), self.profile.client_id or "", SCOPE)
 
     async def access_token(self, *, force: bool = False) -> AccessToken:
@@ -187,15 +252,38 @@ class GraphClient:
         key = self._token_key()
         if force:
             self.tokens.forget(key)
-        self.token = await self.tokens.get(key, self._http, token_url(self.profile),
-                                           self._token_form,
-                                           what=f"Graph token for profile {self.profile.name!r}")
-        return self.token
+        what = (f"Graph token for {self.login.target}" if self.delegated
+                else f"Graph token for profile {self.profile.name!r}")
+        used: list[Secret] = []
+
+        def form() -> dict[str, str]:
+            built = self._token_form()
+            if "refresh_token" in built:
+                used.append(Secret(built["refresh_token"]))
+            return built
+        token = await self.tokens.get(key, self._http, token_url(self.profile), form, what=what)
+        if used and token.refresh_token is not None:
+            REFRESH_TOKENS.rotated(self.login.target, used[0], token.refresh_token)
+        self.token = token
+        return token
 
     def _token_form(self) -> dict[str, str]:
-        """The client-credentials request: the client secret, or a client assertion signed
-        with the profile's certificate (refused here, before sending, if it is not valid now)."""
+        """The token request.
+
+        App-only: the client-credentials grant with the client secret, or a client assertion
+        signed with the profile's certificate (refused here, before sending, if it is not
+        valid now). Delegated: the refresh-token grant with the newest refresh token this
+        process has seen for the mailbox (plus the client secret of a confidential client).
+        """
         client_id = self.profile.client_id or ""
+        if self.delegated:
+            stored = REFRESH_TOKENS.current(self.login.target, self.login.secret)
+            form = {"grant_type": "refresh_token", "client_id": client_id,
+                    "refresh_token": stored.reveal() if stored else "",
+                    "scope": DELEGATED_SCOPE}
+            if self.profile.client_secret is not None:
+                form["client_secret"] = self.profile.client_secret.reveal()
+            return form
         form = {"grant_type": "client_credentials", "client_id": client_id}
         if self.profile.client_certificate:
             certificate = self.certificate()
@@ -542,6 +630,13 @@ async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Log
                     f"(the token grants {', '.join(sorted(token.roles))})",
                     fix=f"grant the application permission {ROLE_MAIL_SEND} with admin consent",
                     code="permission-missing")
+            if token.scopes is not None and ROLE_MAIL_SEND not in token.scopes:
+                raise AuthError(
+                    f"Graph: {mailbox.address} has not consented to {ROLE_MAIL_SEND} "
+                    f"(the token grants {', '.join(sorted(token.scopes)) or 'nothing'})",
+                    fix="add the delegated permission Mail.Send to the app registration and "
+                        f"run: serversync mailbox sign-in {mailbox.address}",
+                    code="permission-missing")
             await graph.folder("sentitems", role=ROLE_MAIL_SEND)
             found = "Sent Items; sendMail permitted"
         else:
@@ -551,6 +646,9 @@ async def probe(profile: Profile, mailbox: Mailbox, channel: Channel, login: Log
                                 params={"$top": "1", "$select": "id"})
             await graph.default_todo_list()
             found = "calendar, contacts and To Do tasks"
+    if graph.delegated:
+        return ProbeResult(f"Graph {graph.root}: {mailbox.address} with the user's own consent "
+                           f"(delegated, app {profile.client_id}): {found}")
     how = f" with {graph.certificate().describe()}" if profile.client_certificate else ""
     return ProbeResult(f"Graph {graph.root}: {mailbox.address} as app {profile.client_id}"
                        f"{how}: {found}")

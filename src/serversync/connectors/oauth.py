@@ -26,7 +26,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ class AccessToken:
     value: Secret
     expires_at: float  # time.time() seconds
     claims: Mapping[str, Any] = field(default_factory=dict)  # unverified JWT payload, if any
+    refresh_token: Secret | None = None  # a new refresh token, when the endpoint rotates it
 
     def fresh(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) < self.expires_at - EXPIRY_MARGIN_S
@@ -54,6 +55,12 @@ class AccessToken:
         """Application permissions in an app-only token (``roles``), when the token says."""
         roles = self.claims.get("roles")
         return frozenset(str(r) for r in roles) if isinstance(roles, list) else None
+
+    @property
+    def scopes(self) -> frozenset[str] | None:
+        """Delegated permissions in a user's token (``scp``, space-separated), when it says."""
+        scp = self.claims.get("scp")
+        return frozenset(str(scp).split()) if isinstance(scp, str) else None
 
 
 def jwt_claims(token: str) -> dict[str, Any]:
@@ -180,6 +187,11 @@ async def request_token(http: httpx.AsyncClient, url: str, form: Mapping[str, st
     if response.status_code != 200:
         raise classify_token_error(response.status_code, response.content, what=what,
                                    retry_after=retry_after(response))
+    return token_answer(response, what=what)
+
+
+def token_answer(response: httpx.Response, *, what: str) -> AccessToken:
+    """A token endpoint's 200 answer as an `AccessToken` (with a rotated refresh token)."""
     try:
         data = response.json()
         value = str(data["access_token"])
@@ -187,7 +199,58 @@ async def request_token(http: httpx.AsyncClient, url: str, form: Mapping[str, st
     except (ValueError, KeyError, TypeError):
         raise PermanentError(f"{what}: the token endpoint's answer has no access_token",
                              fix="check token_url", code="token-endpoint-invalid") from None
-    return AccessToken(Secret(value), time.time() + lifetime, jwt_claims(value))
+    rotated = data.get("refresh_token") if isinstance(data, dict) else None
+    return AccessToken(Secret(value), time.time() + lifetime, jwt_claims(value),
+                       Secret(str(rotated)) if rotated else None)
+
+
+@dataclass(slots=True)
+class _Rotation:
+    base: Secret  # the stored refresh token this rotation started from
+    newest: Secret
+    saved: bool = False
+
+
+class RefreshTokens:
+    """The newest refresh token of each signed-in mailbox (delegated OAuth).
+
+    Microsoft's token endpoint answers every refresh with a *new* refresh token, valid for
+    90 days from then (a sliding window); the old one keeps working until its own 90 days
+    end. Using and storing the newest one keeps a mailbox signed in for as long as it syncs.
+    This process-wide record lets every connection in the process use the newest token at
+    once; `services.consent` writes each one to the mailbox's encrypted secret after the run
+    (compare-and-set, so a fresh sign-in by an administrator is never overwritten). A token
+    stored by someone else (a new sign-in) wins over the rotation started from an older one.
+    """
+
+    def __init__(self) -> None:
+        self._by_owner: dict[str, _Rotation] = {}
+
+    def current(self, owner: str, stored: Secret | None) -> Secret | None:
+        rotation = self._by_owner.get(owner)
+        if rotation is None or stored is None:
+            return stored
+        if stored.reveal() in (rotation.base.reveal(), rotation.newest.reveal()):
+            return rotation.newest
+        del self._by_owner[owner]  # signed in again meanwhile: the stored token is newer
+        return stored
+
+    def rotated(self, owner: str, used: Secret, newest: Secret) -> None:
+        rotation = self._by_owner.get(owner)
+        base = rotation.base if rotation is not None and not rotation.saved else used
+        self._by_owner[owner] = _Rotation(base, newest)
+
+    def unsaved(self) -> dict[str, tuple[Secret, Secret]]:
+        """owner → (the token stored when the rotation began, the newest one)."""
+        return {owner: (r.base, r.newest) for owner, r in self._by_owner.items() if not r.saved}
+
+    def saved(self, owner: str, newest: Secret) -> None:
+        rotation = self._by_owner.get(owner)
+        if rotation is not None and rotation.newest.reveal() == newest.reveal():
+            rotation.saved, rotation.base = True, newest
+
+
+REFRESH_TOKENS = RefreshTokens()
 
 
 class TokenCache:
@@ -219,3 +282,98 @@ class TokenCache:
                 token = await request_token(http, url, fields, what=what)
                 self._tokens[key] = token
             return token
+
+
+# ---------------------------------------------------------------- device authorization grant
+
+DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCode:
+    """A pending sign-in (RFC 8628 §3.2): the user opens ``verification_uri`` anywhere and
+    types ``user_code``; this server never sees the user's password."""
+
+    device_code: Secret
+    user_code: str
+    verification_uri: str
+    message: str
+    expires_at: float  # time.monotonic() seconds
+    interval: float
+
+
+async def start_device_sign_in(http: httpx.AsyncClient, url: str, client_id: str, scope: str,
+                               *, what: str) -> DeviceCode:
+    """Ask the authorization server for a device code (RFC 8628 §3.1)."""
+    try:
+        response = await http.post(url, data={"client_id": client_id, "scope": scope},
+                                   headers={"Accept": "application/json"})
+    except httpx.TransportError as exc:
+        raise translate(exc.__cause__ or exc.__context__ or exc, _endpoint(url), what) from None
+    if response.status_code != 200:
+        raise classify_token_error(response.status_code, response.content, what=what,
+                                   retry_after=retry_after(response))
+    try:
+        data = response.json()
+        return DeviceCode(
+            Secret(str(data["device_code"])), str(data["user_code"]),
+            str(data.get("verification_uri") or data["verification_url"]),
+            str(data.get("message") or ""),
+            time.monotonic() + float(data.get("expires_in", 900)),
+            max(1.0, float(data.get("interval", 5))))
+    except (ValueError, KeyError, TypeError):
+        raise PermanentError(f"{what}: the device authorization answer is incomplete",
+                             fix="check token_url (the device code endpoint is beside it)",
+                             code="token-endpoint-invalid") from None
+
+
+async def finish_device_sign_in(
+        http: httpx.AsyncClient, url: str, client_id: str, code: DeviceCode, *, what: str,
+        client_secret: Secret | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic) -> AccessToken:
+    """Poll the token endpoint until the user has signed in (RFC 8628 §3.4–3.5).
+
+    ``authorization_pending`` waits the server's interval, ``slow_down`` adds five seconds to
+    it; a declined or expired sign-in is an `AuthError` that says to start again.
+    """
+    form = {"grant_type": DEVICE_CODE_GRANT, "client_id": client_id,
+            "device_code": code.device_code.reveal()}
+    if client_secret is not None:
+        form["client_secret"] = client_secret.reveal()
+    interval = code.interval
+    while True:
+        if clock() >= code.expires_at:
+            raise AuthError(f"{what}: the sign-in code {code.user_code} expired before the "
+                            "user signed in", fix="start the sign-in again", code="sign-in-expired")
+        await sleep(interval)
+        try:
+            response = await http.post(url, data=form, headers={"Accept": "application/json"})
+        except httpx.TransportError as exc:
+            raise translate(exc.__cause__ or exc.__context__ or exc, _endpoint(url),
+                            what) from None
+        if response.status_code == 200:
+            return token_answer(response, what=what)
+        error = _error_name(response.content)
+        if error == "authorization_pending":
+            continue
+        if error == "slow_down":
+            interval += 5.0
+            continue
+        if error in ("authorization_declined", "access_denied"):
+            raise AuthError(f"{what}: the user declined the sign-in",
+                            fix="start the sign-in again and accept the permissions",
+                            code="sign-in-declined")
+        if error == "expired_token":
+            raise AuthError(f"{what}: the sign-in code {code.user_code} expired",
+                            fix="start the sign-in again", code="sign-in-expired")
+        raise classify_token_error(response.status_code, response.content, what=what,
+                                   retry_after=retry_after(response))
+
+
+def _error_name(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    return str(data.get("error", "")) if isinstance(data, dict) else ""

@@ -229,12 +229,22 @@ def validate_profile(profile: Profile) -> None:
 
     source = profile.credential_source
     if profile.kind is ServerKind.EXCHANGE_ONLINE:
-        if source is not CredentialSource.APP:
+        if source is CredentialSource.PROFILE:
             raise RuleViolation(
-                f"profile {profile.name!r}: Exchange Online authenticates server to server "
-                f"(app-only OAuth); credential source {source.value!r} is not supported",
+                f"profile {profile.name!r}: Exchange Online has no service account with "
+                "impersonation (Microsoft removed ApplicationImpersonation); credential source "
+                "'profile' is not supported",
                 fix="set credential_source: app with tenant_id, client_id and client_secret "
-                    "(or client_certificate)", code="app-only")
+                    "(or client_certificate), or credential_source: mailbox for each user's "
+                    "own consent (serversync mailbox sign-in)", code="app-only")
+        if source is CredentialSource.MAILBOX:
+            # Delegated OAuth: each mailbox's secret is its user's refresh token, issued to
+            # this app registration by the user's own sign-in (DESIGN.md, per-mailbox row).
+            if not profile.tenant_id:
+                raise ConfigError("tenant_id", "is required for Exchange Online sign-in")
+            if not profile.client_id:
+                raise ConfigError("client_id", "is required for Exchange Online sign-in (the "
+                                  "app registration users consent to)")
         if profile.service_secret is not None or profile.service_user:
             raise RuleViolation(
                 f"profile {profile.name!r}: an Exchange Online profile has no service account "
@@ -303,6 +313,11 @@ def check_credentials(profile: Profile, mailbox: Mailbox) -> None:
             fix="set allow_credentials: true on the mailbox (with its user name and password)",
             code="credentials-not-allowed")
     if not (mailbox.username or mailbox.address) or mailbox.secret is None:
+        if profile.kind is ServerKind.EXCHANGE_ONLINE:
+            raise RuleViolation(
+                f"mailbox {mailbox.address}: the user has not signed in (no refresh token is "
+                "stored)", fix=f"run: serversync mailbox sign-in {mailbox.address}",
+                code="credentials-missing")
         raise RuleViolation(
             f"mailbox {mailbox.address}: no password is stored for per-mailbox credentials",
             fix="set the mailbox's username and secret", code="credentials-missing")

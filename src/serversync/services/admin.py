@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serversync.connectors.net import ConnectOptions
+from serversync.connectors.oauth import DeviceCode
 from serversync.connectors.protocols import Prober
 from serversync.core import rules
 from serversync.core.errors import ConfigError, NotFound, RuleViolation, SyncError, TransientError
@@ -43,6 +44,7 @@ from serversync.manifest import (
     profile_to_spec,
     validate,
 )
+from serversync.services import consent
 from serversync.services.channels import ChannelJob, RunSummary
 from serversync.store.db import Database
 from serversync.store.repos import Repository
@@ -125,7 +127,14 @@ class Services:
         if job is None:
             raise RuleViolation(f"no {channel.value} sync is installed",
                                 code="connector-unavailable")
-        return await job(address)
+        try:
+            return await job(address)
+        finally:
+            await consent.save_rotated(self.db)  # renewed sign-ins survive a restart
+
+    async def sign_in(self, address: str, on_code: Callable[[DeviceCode], None]) -> str:
+        """A user's own sign-in for an Exchange Online mailbox (`services.consent`)."""
+        return await consent.sign_in(self.db, address, on_code, connect_options)
 
     # ------------------------------------------------------------ profiles
 
@@ -322,6 +331,7 @@ class Services:
                                 code="nothing-to-test")
         results = await asyncio.gather(
             *(self._test_channel(settings, profile, mailbox, c) for c in channels))
+        await consent.save_rotated(self.db)
         now = self.clock()
         async with self.db.transaction() as repo:
             current = await repo.get_mailbox(address)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, select, update
@@ -243,6 +243,27 @@ class Repository:
         row.last_tested_at = mailbox.last_tested_at
         await self.session.flush()
         return dataclasses.replace(mailbox, id=row.id)
+
+    async def set_mailbox_secret(self, address: str, secret: Secret) -> None:
+        """Replace the mailbox's secret (a new sign-in), leaving everything else as it is."""
+        row, _ = await self._mailbox_row(address)
+        row.secret = self._seal(secret, "mailboxes.secret")
+        await self.session.flush()
+
+    async def swap_mailbox_secret(self, address: str, expected: Sequence[Secret],
+                                  new: Secret) -> bool:
+        """Store ``new`` as the mailbox's secret if the stored one is one of ``expected``
+        (compare-and-set: a rotated OAuth refresh token never overwrites a newer sign-in)."""
+        row = await self.session.scalar(
+            select(MailboxRow).where(MailboxRow.address == address).with_for_update())
+        if row is None:
+            return False
+        current = self._open(row.secret, "mailboxes.secret")
+        if current is None or current not in expected:
+            return False
+        row.secret = self._seal(new, "mailboxes.secret")
+        await self.session.flush()
+        return True
 
     async def delete_mailbox(self, address: str) -> None:
         row, _ = await self._mailbox_row(address)
