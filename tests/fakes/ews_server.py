@@ -15,6 +15,24 @@ page it is taken from). Errors are the documented ones: ``ErrorImpersonateUserDe
 ``ErrorItemNotFound`` / ``ErrorIrresolvableConflict`` / ``ErrorMessageSizeExceeded`` /
 ``ErrorInvalidRecipients`` as response messages.
 
+Recurring calendar items follow the EWS reference pages on ``Recurrence`` (RecurrenceType),
+``OccurrenceItemId``, ``ModifiedOccurrences``, ``DeletedOccurrences`` and ``TaskRecurrence``:
+a series is one stored master (SyncFolderItems lists masters and single items, never
+occurrences or exceptions); GetItem answers it with ``CalendarItemType``,
+``FirstOccurrence``, ``LastOccurrence``, ``ModifiedOccurrences`` and ``DeletedOccurrences``,
+computed by expanding the stored pattern with dateutil in the series' ``StartTimeZone`` (Windows
+ids mapped through the CLDR table), independently of `serversync.core.recurrence`.
+GetItem, UpdateItem and DeleteItem accept an ``OccurrenceItemId`` (``RecurringMasterId`` +
+1-based ``InstanceIndex``, deleted occurrences keep their index) or an occurrence's own ItemId;
+an update makes the occurrence an exception, a delete adds it to DeletedOccurrences, and both
+change the master's ChangeKey and report it in SyncFolderItems. The documented refusals:
+``ErrorCalendarOccurrenceIndexIsOutOfRecurrenceRange``,
+``ErrorCalendarOccurrenceIsDeletedFromRecurrence`` and ``ErrorOccurrenceCrossingBoundary`` (an
+occurrence moved to or past the day of its neighbour). Setting the master's Recurrence, Start or
+End drops its exceptions and deleted occurrences, as [MS-OXOCAL] 3.1.4.7.3.5 says a changed
+pattern does. Tasks keep their ``Recurrence`` (TaskRecurrenceType) as sent; they are not
+expanded.
+
 Only what our connector sends is understood; anything else is answered with
 ``ErrorInvalidOperation`` so a test notices at once.
 """
@@ -22,13 +40,17 @@ Only what our connector sends is understood; anything else is answered with
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import email.parser
 import email.policy
 import email.utils
 import itertools
 import threading
 from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
 
+from dateutil import rrule as du
+from exchangelib.winzone import MS_TIMEZONE_TO_IANA_MAP
 from lxml import etree
 
 from tests.fakes.loopback import LoopbackServer, Recorded, Reply
@@ -78,6 +100,10 @@ class Item:
     element: etree._Element  # the t:Message / t:CalendarItem / ... without ItemId
     change: int = 1
     mime: bytes | None = None
+    # a recurring master's exceptions (full copies of the occurrence) and deleted occurrences,
+    # by 1-based instance index
+    exceptions: dict[int, etree._Element] = field(default_factory=dict)
+    deleted: set[int] = field(default_factory=set)
 
     @property
     def change_key(self) -> str:
@@ -270,6 +296,73 @@ class EwsServer:
                 return box, box.items[wanted]
         raise ItemError("ErrorItemNotFound", "The specified object was not found in the store.")
 
+    def _target(self, item_id: etree._Element, caller: str, acting: str | None,
+                ) -> tuple[Mailbox, Item, int | None]:
+        """An ItemId, an occurrence's ItemId or an OccurrenceItemId → (mailbox, item or its
+        recurring master, instance index or None)."""
+        if etree.QName(item_id).localname == "OccurrenceItemId":
+            master_id, index_text = item_id.get("RecurringMasterId", ""), item_id.get(
+                "InstanceIndex", "")
+        else:
+            master_id, index_text = _occurrence_of(item_id.get("Id", "")) or (
+                item_id.get("Id", ""), "")
+        box, item = self._item(etree.Element(q(T, "ItemId"), Id=master_id), caller, acting)
+        if not index_text:
+            return box, item, None
+        index = int(index_text)
+        series = _Series.of(item)
+        if series is None or index < 1 or series.original(index) is None:
+            raise ItemError("ErrorCalendarOccurrenceIndexIsOutOfRecurrenceRange",
+                            "Occurrence index is out of recurrence range.")
+        if index in item.deleted:
+            raise ItemError("ErrorCalendarOccurrenceIsDeletedFromRecurrence",
+                            "Occurrence with this index was previously deleted from the "
+                            "recurrence.")
+        return box, item, index
+
+    def _touch(self, box: Mailbox, item: Item) -> None:
+        item.change += 1
+        self._log(box, item.folder, "Update", item.id)
+
+    def cancel_occurrence(self, address: str, master_id: str, index: int) -> None:
+        """Delete one occurrence on the server side (a user in Outlook)."""
+        with self._lock:
+            box = self.mailboxes[address]
+            item = box.items[master_id]
+            item.exceptions.pop(index, None)
+            item.deleted.add(index)
+            self._touch(box, item)
+
+    def _update_occurrence(self, box: Mailbox, item: Item, index: int,
+                           updates: list[etree._Element]) -> None:
+        series = _Series.of(item)
+        assert series is not None
+        current = item.exceptions.get(index)
+        exception = _copy(current) if current is not None else series.occurrence(item, index)
+        for update in updates:
+            verb = etree.QName(update).localname
+            if verb == "SetItemField":
+                for child in update[-1]:
+                    _replace_child(exception, child)
+            elif verb == "DeleteItemField":
+                name = _field_name(update)
+                for child in list(exception):
+                    if etree.QName(child).localname.lower() == name.lower():
+                        exception.remove(child)
+        moved = _time(exception.findtext(q(T, "Start")) or "")
+        day = moved.astimezone(series.zone).date()
+        for neighbour in (index - 1, index + 1):
+            at = series.effective(item, neighbour)
+            if at is None:
+                continue
+            near = at.astimezone(series.zone).date()
+            if (neighbour < index and day <= near) or (neighbour > index and day >= near):
+                raise ItemError("ErrorOccurrenceCrossingBoundary",
+                                "Modified occurrence is crossing or overlapping adjacent "
+                                "occurrence.")
+        item.exceptions[index] = exception
+        self._touch(box, item)
+
     # ------------------------------------------------------------ operations
 
     def op_GetFolder(self, op: etree._Element, caller: str, acting: str | None) -> etree._Element:
@@ -347,7 +440,7 @@ class EwsServer:
                 assert item is not None
                 shown = etree.SubElement(element, q(T, item.kind))
                 etree.SubElement(shown, q(T, "ItemId"), Id=item.id, ChangeKey=item.change_key)
-                for child in item.element:  # the ItemShape's AdditionalProperties
+                for child in _view(item):  # the ItemShape's AdditionalProperties
                     if etree.QName(child).localname.lower() in wanted:
                         shown.append(_copy(child))
         return response
@@ -358,13 +451,14 @@ class EwsServer:
                          for uri in op.iter(q(T, "FieldURI")))
         for item_id in _kids(op.find(q(M, "ItemIds"))):
             try:
-                _box, item = self._item(item_id, caller, acting)
+                _box, item, index = self._target(item_id, caller, acting)
             except ItemError as exc:
                 _error_message(response, "GetItem", exc)
                 continue
             message = _message(response, "GetItem")
             items = etree.SubElement(message, q(M, "Items"))
-            items.append(_render(item, mime=wants_mime))
+            items.append(_render(item, mime=wants_mime) if index is None
+                         else _render_occurrence(item, index))
         return response
 
     def op_FindItem(self, op: etree._Element, caller: str, acting: str | None) -> etree._Element:
@@ -477,20 +571,34 @@ class EwsServer:
         response = _response("UpdateItem")
         resolution = op.get("ConflictResolution", "AutoResolve")
         for change in _kids(op.find(q(M, "ItemChanges"))):
-            item_id = change.find(q(T, "ItemId"))
-            assert item_id is not None
+            item_id = change[0]  # ItemId or OccurrenceItemId (ItemChangeType)
             try:
-                box, item = self._item(item_id, caller, acting)
+                box, item, index = self._target(item_id, caller, acting)
                 if (resolution == "NeverOverwrite" and item_id.get("ChangeKey")
                         and item_id.get("ChangeKey") != item.change_key):
                     raise ItemError("ErrorIrresolvableConflict",
                                     "The send or update operation could not be performed "
                                     "because the change key passed in the request does not "
                                     "match the current change key for the item.")
+                if index is not None:
+                    self._update_occurrence(box, item, index,
+                                            _kids(change.find(q(T, "Updates"))))
             except ItemError as exc:
                 _error_message(response, "UpdateItem", exc)
                 continue
+            if index is not None:
+                message = _message(response, "UpdateItem")
+                items = etree.SubElement(message, q(M, "Items"))
+                shown = etree.SubElement(items, q(T, item.kind))
+                etree.SubElement(shown, q(T, "ItemId"), Id=_occurrence_id(item.id, index),
+                                 ChangeKey=item.change_key)
+                conflicts = etree.SubElement(message, q(M, "ConflictResults"))
+                etree.SubElement(conflicts, q(T, "Count")).text = "0"
+                continue
             for update in _kids(change.find(q(T, "Updates"))):
+                if _field_name(update) in _SERIES_FIELDS:
+                    item.exceptions.clear()  # a new pattern: [MS-OXOCAL] 3.1.4.7.3.5
+                    item.deleted.clear()
                 verb = etree.QName(update).localname
                 if verb == "SetItemField":
                     value = update[-1]  # the item element carrying the new value
@@ -516,9 +624,15 @@ class EwsServer:
         response = _response("DeleteItem")
         for item_id in _kids(op.find(q(M, "ItemIds"))):
             try:
-                box, item = self._item(item_id, caller, acting)
+                box, item, index = self._target(item_id, caller, acting)
             except ItemError as exc:
                 _error_message(response, "DeleteItem", exc)
+                continue
+            if index is not None:
+                item.exceptions.pop(index, None)
+                item.deleted.add(index)
+                self._touch(box, item)
+                _message(response, "DeleteItem")
                 continue
             del box.items[item.id]
             self._log(box, item.folder, "Delete", item.id)
@@ -594,8 +708,236 @@ def _render(item: Item, *, mime: bool) -> etree._Element:
         etree.SubElement(element, q(T, "MimeContent"), CharacterSet="UTF-8").text = (
             base64.b64encode(item.mime).decode())
     etree.SubElement(element, q(T, "ItemId"), Id=item.id, ChangeKey=item.change_key)
-    for child in item.element:
-        element.append(_copy(child))
+    for child in _view(item):
+        element.append(child)
+    return element
+
+
+# ---------------------------------------------------------------- recurring calendar items
+
+_SERIES_FIELDS = {"Recurrence", "Start", "End"}  # setting one makes a new pattern
+_DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_DAY_SETS = {"Day": _DAY_NAMES, "Weekday": _DAY_NAMES[:5], "WeekendDay": _DAY_NAMES[5:]}
+_WEEK_INDEX = {"First": 1, "Second": 2, "Third": 3, "Fourth": 4, "Last": -1}
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December")
+_BOOLEANS = {"ReminderIsSet", "IsAllDayEvent", "IsResponseRequested", "AllowNewTimeProposal",
+             "IsRecurring", "IsMeeting", "IsCancelled", "IsComplete", "IsRead", "IsDraft"}
+_COMPUTED = {"CalendarItemType", "IsRecurring", "FirstOccurrence", "LastOccurrence",
+             "ModifiedOccurrences", "DeletedOccurrences", "OriginalStart", "RecurrenceId"}
+
+
+def _field_name(update: etree._Element) -> str:
+    uri = update.find(q(T, "FieldURI"))
+    return (uri.get("FieldURI", "") if uri is not None else "").partition(":")[2]
+
+
+def _occurrence_id(master_id: str, index: int) -> str:
+    return base64.b64encode(f"OCC:{master_id}:{index}".encode()).decode()
+
+
+def _occurrence_of(item_id: str) -> tuple[str, str] | None:
+    """(master id, index) of an occurrence's own ItemId, or None for any other id."""
+    try:
+        text = base64.b64decode(item_id).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not text.startswith("OCC:"):
+        return None
+    master, _, index = text[4:].rpartition(":")
+    return master, index
+
+
+def _time(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _utc_text(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _day_rule(day: int) -> dict[str, object]:
+    """EWS DayOfMonth: "if for a particular month this value is larger than the number of
+    days in the month, the last day of the month is assumed" (DayOfMonth reference page)."""
+    if day <= 28:
+        return {"bymonthday": day}
+    return {"bymonthday": list(range(28, day + 1)), "bysetpos": -1}
+
+
+def _weekdays(text: str) -> list[du.weekday]:
+    names = _DAY_SETS.get(text.strip(), tuple(text.split()))
+    return [du.weekdays[_DAY_NAMES.index(n)] for n in names]
+
+
+class _Series:
+    """A stored master's pattern expanded with dateutil, wall-clock times in its zone."""
+
+    def __init__(self, element: etree._Element) -> None:
+        recurrence = element.find(q(T, "Recurrence"))
+        assert recurrence is not None
+        zone_id = element.find(q(T, "StartTimeZone"))
+        name = zone_id.get("Id", "UTC") if zone_id is not None else "UTC"
+        self.zone = ZoneInfo(MS_TIMEZONE_TO_IANA_MAP.get(name, name))
+        start = _time(element.findtext(q(T, "Start")) or "")
+        self.duration = _time(element.findtext(q(T, "End")) or "") - start
+        pattern, bounds = recurrence[0], recurrence[1]
+        first = dt.date.fromisoformat((bounds.findtext(q(T, "StartDate")) or "")[:10])
+        dtstart = dt.datetime.combine(first, start.astimezone(self.zone).time())
+        kind = etree.QName(pattern).localname
+        interval = int(pattern.findtext(q(T, "Interval")) or 1)
+        args: dict[str, object] = {"dtstart": dtstart, "interval": interval}
+        days = pattern.findtext(q(T, "DaysOfWeek")) or ""
+        month = pattern.findtext(q(T, "Month"))
+        if kind == "DailyRecurrence":
+            freq = du.DAILY
+        elif kind == "WeeklyRecurrence":
+            freq = du.WEEKLY
+            args["byweekday"] = _weekdays(days)
+            args["wkst"] = _DAY_NAMES.index(pattern.findtext(q(T, "FirstDayOfWeek")) or
+                                            "Sunday")
+        elif kind in ("AbsoluteMonthlyRecurrence", "AbsoluteYearlyRecurrence"):
+            freq = du.MONTHLY if kind.endswith("MonthlyRecurrence") else du.YEARLY
+            args.update(_day_rule(int(pattern.findtext(q(T, "DayOfMonth")) or 1)))
+        elif kind in ("RelativeMonthlyRecurrence", "RelativeYearlyRecurrence"):
+            freq = du.MONTHLY if kind.endswith("MonthlyRecurrence") else du.YEARLY
+            args["byweekday"] = _weekdays(days)
+            args["bysetpos"] = _WEEK_INDEX[pattern.findtext(q(T, "DayOfWeekIndex")) or "First"]
+        else:
+            raise ItemError("ErrorInvalidRecurrence", f"{kind} is not a calendar pattern")
+        if month is not None:
+            args["bymonth"] = _MONTHS.index(month) + 1
+        if etree.QName(bounds).localname == "NumberedRecurrence":
+            args["count"] = int(bounds.findtext(q(T, "NumberOfOccurrences")) or 1)
+        elif etree.QName(bounds).localname == "EndDateRecurrence":
+            last = dt.date.fromisoformat((bounds.findtext(q(T, "EndDate")) or "")[:10])
+            args["until"] = dt.datetime.combine(last, dt.time(23, 59, 59))
+        self.bounded = "count" in args or "until" in args
+        self.rule = du.rrule(freq, **args)  # type: ignore[arg-type]
+
+    @classmethod
+    def of(cls, item: Item) -> _Series | None:
+        if item.kind != "CalendarItem" or item.element.find(q(T, "Recurrence")) is None:
+            return None
+        return cls(item.element)
+
+    def original(self, index: int) -> dt.datetime | None:
+        """The start of the ``index``-th (1-based) occurrence of the pattern, aware."""
+        for position, local in enumerate(self.rule, start=1):
+            if position == index:
+                return local.replace(tzinfo=self.zone)
+            if position >= min(index, 10000):
+                break
+        return None
+
+    def last_index(self) -> int:
+        return self.rule.count() if self.bounded else 0
+
+    def effective(self, item: Item, index: int) -> dt.datetime | None:
+        """Where occurrence ``index`` is now (a deleted one keeps its day for the crossing
+        rule), or None outside the series."""
+        if index < 1:
+            return None
+        if index in item.exceptions:
+            return _time(item.exceptions[index].findtext(q(T, "Start")) or "")
+        return self.original(index)
+
+    def occurrence(self, item: Item, index: int) -> etree._Element:
+        """Occurrence ``index`` as a plain (unmodified) calendar item."""
+        start = self.original(index)
+        assert start is not None
+        element = etree.Element(q(T, "CalendarItem"))
+        for child in item.element:
+            name = etree.QName(child).localname
+            if name in ("Recurrence", "Start", "End") or name in _COMPUTED:
+                continue
+            element.append(_copy(child))
+        _set_child(element, "Start", _utc_text(start))
+        _set_child(element, "End", _utc_text(start + self.duration))
+        return element
+
+    def entry(self, tag: str, item: Item, index: int) -> etree._Element:
+        """A FirstOccurrence / LastOccurrence / ModifiedOccurrences' Occurrence element."""
+        element = etree.Element(q(T, tag))
+        original = self.original(index)
+        assert original is not None
+        shown = item.exceptions.get(index)
+        start = _time(shown.findtext(q(T, "Start")) or "") if shown is not None else original
+        end = _time(shown.findtext(q(T, "End")) or "") if shown is not None \
+            else original + self.duration
+        etree.SubElement(element, q(T, "ItemId"), Id=_occurrence_id(item.id, index),
+                         ChangeKey=item.change_key)
+        etree.SubElement(element, q(T, "Start")).text = _utc_text(start)
+        etree.SubElement(element, q(T, "End")).text = _utc_text(end)
+        etree.SubElement(element, q(T, "OriginalStart")).text = _utc_text(original)
+        return element
+
+
+def _view(item: Item) -> list[etree._Element]:
+    """The item's children as GetItem shows them: calendar times in UTC, and for a recurring
+    master the computed CalendarItemType, First/LastOccurrence, Modified/DeletedOccurrences."""
+    out = [_copy(c) for c in item.element]
+    for child in out:  # xs:boolean as Exchange writes it (exchangelib sends 1/0)
+        if etree.QName(child).localname in _BOOLEANS and child.text in ("0", "1"):
+            child.text = "true" if child.text == "1" else "false"
+    if item.kind != "CalendarItem":
+        return out
+    for child in out:
+        if etree.QName(child).localname in ("Start", "End") and child.text:
+            child.text = _utc_text(_time(child.text))
+    series = _Series.of(item)
+    kind = etree.Element(q(T, "CalendarItemType"))
+    kind.text = "Single" if series is None else "RecurringMaster"
+    if series is None:
+        return [*out, kind]
+    live = [next((i for i, _ in enumerate(series.rule, start=1) if i not in item.deleted),
+                 None)]
+    computed = [etree.Element(q(T, "IsRecurring")), kind]
+    computed[0].text = "true"
+    after: list[etree._Element] = []
+    if live[0] is not None:
+        after.append(series.entry("FirstOccurrence", item, live[0]))
+    last = series.last_index()
+    while last in item.deleted:
+        last -= 1
+    if last >= 1:
+        after.append(series.entry("LastOccurrence", item, last))
+    if item.exceptions:
+        modified = etree.Element(q(T, "ModifiedOccurrences"))
+        for index in sorted(item.exceptions):
+            modified.append(series.entry("Occurrence", item, index))
+        after.append(modified)
+    if item.deleted:
+        deleted = etree.Element(q(T, "DeletedOccurrences"))
+        for index in sorted(item.deleted):
+            entry = etree.SubElement(deleted, q(T, "DeletedOccurrence"))
+            original = series.original(index)
+            assert original is not None
+            etree.SubElement(entry, q(T, "Start")).text = _utc_text(original)
+        after.append(deleted)
+    position = next(i for i, c in enumerate(out) if etree.QName(c).localname == "Recurrence")
+    return [*out[:position], *computed, out[position], *after, *out[position + 1:]]
+
+
+def _render_occurrence(item: Item, index: int) -> etree._Element:
+    """GetItem of one occurrence: an ``Occurrence`` or, once changed, an ``Exception``."""
+    series = _Series.of(item)
+    assert series is not None
+    body = item.exceptions.get(index)
+    exception = body is not None
+    body = _copy(body) if body is not None else series.occurrence(item, index)
+    element = etree.Element(q(T, "CalendarItem"))
+    etree.SubElement(element, q(T, "ItemId"), Id=_occurrence_id(item.id, index),
+                     ChangeKey=item.change_key)
+    original = series.original(index)
+    assert original is not None
+    for child in body:
+        if etree.QName(child).localname in ("Start", "End") and child.text:
+            child.text = _utc_text(_time(child.text))
+        element.append(child)
+    etree.SubElement(element, q(T, "RecurrenceId")).text = _utc_text(original)
+    etree.SubElement(element, q(T, "OriginalStart")).text = _utc_text(original)
+    etree.SubElement(element, q(T, "CalendarItemType")).text = (
+        "Exception" if exception else "Occurrence")
     return element
 
 
