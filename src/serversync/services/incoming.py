@@ -145,8 +145,14 @@ async def parse(raws: Sequence[bytes], settings: OrgSettings,
 
 
 def refused_reason(exc: Exception) -> str:
-    """Why the database refused one message (the quarantine's ``store-refused`` reason)."""
-    return f"the database refused it: {type(exc).__name__}: {str(exc)[:300]}"
+    """Why the database refused one message (the quarantine's ``store-refused`` reason).
+
+    The driver's own error (SQLAlchemy keeps it as ``orig``), first line only: SQLAlchemy's
+    text appends the statement and its parameters, i.e. the message's content, which the
+    raw bytes already keep and which would bury the reason an administrator reads."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return f"the database refused it: {type(cause).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _given(source: MailSource) -> Callable[[], MailSource]:
