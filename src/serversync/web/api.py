@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Query, Response
 from pydantic import BaseModel, Field
 
-from serversync.core.access import Role
+from serversync.core.access import Principal, Role
 from serversync.core.email import Direction, EmailStatus
 from serversync.core.errors import ConfigError, NotFound
 from serversync.core.model import ApprovalStatus, Channel, PartyKind
@@ -39,7 +39,9 @@ from serversync.web.schemas import (
     NewWebhookOut,
     PartyOut,
     ProfileOut,
+    QuarantinedOut,
     ReachOut,
+    RetryOut,
     RunOut,
     ScheduleOut,
     TestReportOut,
@@ -52,7 +54,9 @@ from serversync.web.schemas import (
     party_out,
     plain,
     profile_out,
+    quarantined_out,
     report_out,
+    retry_out,
     run_out,
     schedule_out,
     token_out,
@@ -60,6 +64,7 @@ from serversync.web.schemas import (
 )
 
 Ctx = Annotated[WebContext, Depends(context)]
+Who = Annotated[Principal, Depends(caller)]  # the router's own check: run once per request
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(caller)])
 
 
@@ -284,6 +289,55 @@ async def get_attachment(ctx: Ctx, email_id: int, position: int) -> Response:
     return Response(attachment.content, media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{name}"',
                              "X-Content-Type-Options": "nosniff"})
+
+
+# ---------------------------------------------------------------- quarantine
+
+@router.get("/quarantine", response_model=list[QuarantinedOut], tags=["quarantine"])
+async def list_quarantine(ctx: Ctx, mailbox: str | None = None, include_released: bool = False,
+                          limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                          before_id: int | None = None) -> list[QuarantinedOut]:
+    """Incoming messages that could not be tracked, newest first; page with ``before_id``."""
+    return [quarantined_out(m) for m in await ctx.quarantine.messages(
+        mailbox=mailbox, include_released=include_released, limit=limit, before_id=before_id)]
+
+
+@router.post("/quarantine/retry", response_model=list[RetryOut], tags=["quarantine"])
+async def retry_quarantine_of_mailbox(ctx: Ctx, who: Who, mailbox: Annotated[str, Query(
+        description="retry every message of this mailbox still in quarantine")]
+        ) -> list[RetryOut]:
+    return [retry_out(r) for r in await ctx.quarantine.retry_mailbox(
+        mailbox, by=f"api:{who.name}")]
+
+
+@router.get("/quarantine/{quarantine_id}", response_model=QuarantinedOut, tags=["quarantine"])
+async def get_quarantined(ctx: Ctx, quarantine_id: int) -> QuarantinedOut:
+    return quarantined_out(await ctx.quarantine.get(quarantine_id))
+
+
+@router.get("/quarantine/{quarantine_id}/raw", tags=["quarantine"], response_class=Response,
+            responses={200: {"content": {"message/rfc822": {}}}})
+async def get_quarantined_raw(ctx: Ctx, quarantine_id: int) -> Response:
+    """The message exactly as read from the server, as a download (never rendered)."""
+    raw = await ctx.quarantine.raw(quarantine_id)
+    return Response(raw, media_type="message/rfc822", headers={
+        "Content-Disposition": f'attachment; filename="quarantine-{quarantine_id}.eml"',
+        "X-Content-Type-Options": "nosniff"})
+
+
+@router.post("/quarantine/{quarantine_id}/retry", response_model=RetryOut, tags=["quarantine"])
+async def retry_quarantined(ctx: Ctx, who: Who, quarantine_id: int) -> RetryOut:
+    """Process the message again (after fixing the cause): 200 with ``released`` true and
+    the activity, or false with the new reason; 409 if it already left the quarantine."""
+    return retry_out(await ctx.quarantine.retry(quarantine_id, by=f"api:{who.name}"))
+
+
+@router.post("/quarantine/{quarantine_id}/discard", response_model=QuarantinedOut,
+             tags=["quarantine"])
+async def discard_quarantined(ctx: Ctx, who: Who, quarantine_id: int) -> QuarantinedOut:
+    """Release the message without an activity; who and when are recorded on it."""
+    return quarantined_out(await ctx.quarantine.discard(quarantine_id,
+                                                        by=f"api:{who.name}"))
 
 
 # ---------------------------------------------------------------- alerts and runs

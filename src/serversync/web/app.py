@@ -42,6 +42,7 @@ from serversync.services import Services
 from serversync.services.activities import Activities
 from serversync.services.admin import Clock
 from serversync.services.controls import Controls
+from serversync.services.quarantine import quarantine_of
 from serversync.services.runs import RunLog
 from serversync.services.tokens import Tokens
 from serversync.services.webhooks import Webhooks
@@ -104,8 +105,8 @@ def create_app(services: Services, *, runlog: RunLog | None = None,
         services=services, runlog=runlog or RunLog(services.db, now),
         tokens=tokens or Tokens(services.db, now),
         webhooks=webhooks or Webhooks(services.db, now),
-        activities=Activities(services.db), controls=Controls(services.db, now), clock=now,
-        extras=dict(extras or {}))
+        activities=Activities(services.db), controls=Controls(services.db, now),
+        quarantine=quarantine_of(services), clock=now, extras=dict(extras or {}))
     app = FastAPI(title="serversync", version="1",
                   description="Server-side synchronization: profiles, mailboxes, activities, "
                               "alerts and runs. Authenticate with `Authorization: Bearer "

@@ -20,6 +20,7 @@ from serversync.services import Services
 from serversync.services.activities import Activities
 from serversync.services.admin import Clock
 from serversync.services.controls import Controls
+from serversync.services.quarantine import Quarantine
 from serversync.services.runs import RunLog
 from serversync.services.tokens import Tokens
 from serversync.services.webhooks import Webhooks
@@ -33,6 +34,7 @@ class WebContext:
     webhooks: Webhooks
     activities: Activities
     controls: Controls
+    quarantine: Quarantine
     clock: Clock
     extras: dict[str, object]  # optional services (outgoing, act) when installed
 

@@ -23,6 +23,7 @@ from serversync.core.secret import Secret
 from serversync.core.webhooks import Delivery, Event, Webhook
 from serversync.manifest import ProfileSpec, profile_to_spec
 from serversync.services import ChannelResult, TestReport
+from serversync.services.quarantine import QuarantinedMessage, RetryResult
 
 SecretState = Literal["set", "not set"]
 PROFILE_SECRETS = ("service_secret", "outgoing_service_secret", "client_secret",
@@ -332,3 +333,52 @@ class DeliveryOut(Out):
 
 def delivery_out(delivery: Delivery) -> DeliveryOut:
     return DeliveryOut.model_validate(plain(delivery))
+
+
+class HeadlineOut(Out):
+    subject: str
+    sender: str
+    to: str
+    date: str
+    message_id: str | None
+
+
+class QuarantinedOut(Out):
+    """A quarantined incoming message (its raw bytes at ``.../raw``)."""
+
+    id: int
+    mailbox: str
+    folder: str
+    remote_id: str
+    size: int
+    code: str = Field(description="why: unparseable, store-refused, loop-guard, ...")
+    reason: str
+    created_at: dt.datetime
+    sent: bool | None = Field(description="read from the Sent folder (null: not recorded)")
+    retries: int
+    retried_at: dt.datetime | None
+    released_at: dt.datetime | None
+    released_by: str | None
+    outcome: str | None = Field(description="how it left the quarantine: tracked, linked, "
+                                            "skipped or discarded; null while in it")
+    email_id: int | None = Field(None, description="the email activity it became")
+    headline: HeadlineOut | None = Field(None, description="a few headers (single message)")
+
+
+def quarantined_out(message: QuarantinedMessage) -> QuarantinedOut:
+    return QuarantinedOut.model_validate(plain(message))
+
+
+class RetryOut(Out):
+    id: int
+    mailbox: str
+    outcome: str = Field(description="tracked, linked or skipped (released), or quarantined "
+                                     "(failed again: see code and reason)")
+    released: bool
+    email_id: int | None
+    code: str
+    reason: str
+
+
+def retry_out(result: RetryResult) -> RetryOut:
+    return RetryOut.model_validate({**plain(result), "released": result.released})
