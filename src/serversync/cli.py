@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import enum
+import getpass
 import json
 import os
 import sys
@@ -46,6 +47,7 @@ from serversync.core.rules import access_mode
 from serversync.core.secret import Secret
 from serversync.manifest import MailboxSpec, PartySpec, ProfileSpec, load_manifest, validate
 from serversync.services import Services, TestReport
+from serversync.services.quarantine import QuarantinedMessage, RetryResult, quarantine_of
 from serversync.store import blobfiles, crypto
 
 T = TypeVar("T")
@@ -734,6 +736,172 @@ def token_revoke(name: str) -> None:
     from serversync.services.tokens import Tokens
     run(lambda s: Tokens(s.db).revoke(name))
     out.print(f"revoked token {name!r}")
+
+
+# ---------------------------------------------------------------- quarantine
+
+quarantine_app = typer.Typer(help="Incoming messages that could not be tracked, kept with their "
+                             "raw bytes: list, show, export, retry once fixed, or discard.",
+                             no_args_is_help=True)
+app.add_typer(quarantine_app, name="quarantine")
+QIdArg = Annotated[str, typer.Argument(metavar="ID", help="The quarantine id (see `list`).")]
+
+
+def _actor() -> str:
+    """Who did it, for the row's ``released_by``: the operating-system user."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no user name in the environment or the passwd file
+        return "cli"
+
+
+def _quarantine_id(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and int(value) > 0):
+        fail(ConfigError("ID", f"must be a quarantine id (a positive whole number), got "
+                               f"{value!r}", fix="see the ids: serversync quarantine list"))
+    return int(value)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MB"
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _released(q: QuarantinedMessage) -> str:
+    if q.released_at is None:
+        return f"quarantined{f' (retried {q.retries}x)' if q.retries else ''}"
+    return f"{q.outcome} by {q.released_by} {_when(q.released_at)}"
+
+
+@quarantine_app.command("list")
+def quarantine_list(mailbox: Annotated[str | None, typer.Option(help="Only this mailbox.")
+                                       ] = None,
+                    include_released: Annotated[bool, typer.Option(
+                        "--all", help="Include messages retried or discarded already.")
+                                                ] = False,
+                    limit: Annotated[int, typer.Option(min=1, max=10000,
+                                                       help="At most this many, newest first.")
+                                     ] = 200,
+                    as_json: JsonOpt = False) -> None:
+    """Quarantined incoming messages, newest first."""
+    found = run(lambda s: quarantine_of(s).messages(
+        mailbox=mailbox, include_released=include_released, limit=limit))
+    if as_json:
+        emit_json(found)
+        return
+    columns = ["id", "mailbox", "folder", "size", "code", "reason", "when"]
+    table("Quarantine" + (" (all)" if include_released else ""),
+          [*columns, "status"] if include_released else columns,
+          [(q.id, q.mailbox, q.folder, _size(q.size), q.code, q.reason, _when(q.created_at),
+            *([_released(q)] if include_released else [])) for q in found])
+    if not found:
+        out.print("nothing in quarantine" if not include_released else "no quarantined mail")
+
+
+@quarantine_app.command("show")
+def quarantine_show(quarantine_id: QIdArg,
+                    raw: Annotated[Path | None, typer.Option(
+                        "--raw", metavar="FILE",
+                        help="Also write the message as it came from the server to FILE "
+                             "(an .eml; '-' for standard output).")] = None,
+                    as_json: JsonOpt = False) -> None:
+    """One quarantined message: where it came from, why, what became of it, its headers."""
+    number = _quarantine_id(quarantine_id)
+    if raw is not None and str(raw) != "-" and raw.exists():
+        fail(ConfigError("--raw", f"{raw} already exists; refusing to overwrite it",
+                         fix="choose another file name"))
+
+    async def work(s: Services) -> tuple[QuarantinedMessage, bytes | None]:
+        quarantine = quarantine_of(s)
+        return await quarantine.get(number), (await quarantine.raw(number)
+                                              if raw is not None else None)
+    q, content = run(work)
+    if content is not None and raw is not None:
+        if str(raw) == "-":
+            sys.stdout.buffer.write(content)
+            sys.stdout.flush()
+            return
+        try:
+            with raw.open("xb") as f:
+                f.write(content)
+        except OSError as exc:
+            fail(ConfigError("--raw", f"cannot write {raw} ({exc.strerror or type(exc).__name__})"))
+    if as_json:
+        emit_json(q)
+        return
+    head = q.headline
+    details(f"Quarantined message {q.id}", {k: v for k, v in {
+        "mailbox": q.mailbox, "folder": q.folder + (" (sent)" if q.sent else ""),
+        "remote id": q.remote_id, "size": _size(q.size), "code": q.code, "reason": q.reason,
+        "quarantined": _when(q.created_at), "retries": q.retries or None,
+        "last retry": _when(q.retried_at) or None, "status": _released(q),
+        "email activity": q.email_id,
+        "subject": head.subject if head else None, "from": head.sender if head else None,
+        "to": head.to if head else None, "date": head.date if head else None,
+        "message-id": head.message_id if head else None}.items() if v not in (None, "")})
+    if content is not None:
+        out.print(f"wrote {len(content)} bytes to {raw}")
+
+
+def _print_retry(result: RetryResult) -> None:
+    if result.released:
+        what = f" as email activity {result.email_id}" if result.email_id else ""
+        out.print(f"[green]✔[/] {result.id} {result.mailbox}: {result.outcome}{what}",
+                  highlight=False, soft_wrap=True)
+    else:
+        out.print(f"[red]✘[/] {result.id} {result.mailbox}: still quarantined "
+                  f"({result.code}: {result.reason})", highlight=False, soft_wrap=True)
+
+
+@quarantine_app.command("retry")
+def quarantine_retry(quarantine_id: Annotated[str | None, typer.Argument(
+                         metavar="ID", help="The quarantine id (or use --mailbox).")] = None,
+                     mailbox: Annotated[str | None, typer.Option(
+                         help="Retry every message of this mailbox still in quarantine.")
+                                        ] = None,
+                     as_json: JsonOpt = False) -> None:
+    """Process quarantined messages again, after fixing the cause.
+
+    Each goes through the same checks as a sync run: a message tracked meanwhile (e.g. via
+    another mailbox) is linked to that activity, never tracked twice. Exit code 1 if any
+    stays in quarantine (its new reason is shown).
+    """
+    if (quarantine_id is None) == (mailbox is None):
+        fail(ConfigError("", "give either a quarantine ID or --mailbox ADDRESS",
+                         fix="see the ids: serversync quarantine list"))
+    by = _actor()
+    if quarantine_id is not None:
+        number = _quarantine_id(quarantine_id)
+        results = [run(lambda s: quarantine_of(s).retry(number, by=by))]
+    else:
+        address = mailbox or ""
+        results = run(lambda s: quarantine_of(s).retry_mailbox(address, by=by))
+    if as_json:
+        emit_json([{**dataclasses.asdict(r), "released": r.released} for r in results])
+    else:
+        for result in results:
+            _print_retry(result)
+        if not results:
+            out.print(f"nothing of {mailbox} is in quarantine")
+    if not all(r.released for r in results):
+        raise typer.Exit(1)
+
+
+@quarantine_app.command("discard")
+def quarantine_discard(quarantine_id: QIdArg, as_json: JsonOpt = False) -> None:
+    """Release a message without tracking it (recorded: by whom, when)."""
+    number = _quarantine_id(quarantine_id)
+    by = _actor()
+    q = run(lambda s: quarantine_of(s).discard(number, by=by))
+    if as_json:
+        emit_json(q)
+        return
+    out.print(f"discarded {q.id} ({q.mailbox}, {q.folder}); recorded as {by}")
 
 
 def main() -> None:
