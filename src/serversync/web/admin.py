@@ -54,11 +54,20 @@ def _redirect(to: str) -> StarletteHTTPException:
 
 
 async def signed_in(request: Request, web: Ctx) -> Principal:
+    return await _session(request, web, writes=True)
+
+
+async def signed_in_any_role(request: Request, web: Ctx) -> Principal:
+    """For signing out, which a reader must be able to do too (CSRF is still checked)."""
+    return await _session(request, web, writes=False)
+
+
+async def _session(request: Request, web: WebContext, *, writes: bool) -> Principal:
     principal = await web.tokens.session(request.cookies.get(COOKIE, ""))
     if principal is None:
         raise _redirect("/ui/login")
     if request.method not in SAFE_METHODS:
-        if not principal.may(request.method):
+        if writes and not principal.may(request.method):
             raise SyncError(f"{principal.name!r} signed in with a reader token: read only",
                             fix="sign in with an admin token to change things", code="read-only")
         sent = request.headers.get("X-CSRF-Token") or str((await request.form()).get("csrf", ""))
@@ -113,7 +122,8 @@ async def login(request: Request, web: Ctx) -> Response:
 
 
 @router.post("/logout")
-async def logout(request: Request, web: Ctx, user: User) -> Response:
+async def logout(request: Request, web: Ctx,
+                 user: Annotated[Principal, Depends(signed_in_any_role)]) -> Response:
     await web.tokens.sign_out(request.cookies.get(COOKIE, ""))
     response = back("/ui/login")
     response.delete_cookie(COOKIE, path="/ui")
