@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import os
 import socket
 import threading
@@ -21,10 +22,13 @@ import uvicorn
 
 from serversync import wiring
 from serversync.core.access import Role
+from serversync.core.model import Alert, Channel, Severity
+from serversync.manifest import Manifest, validate
 from serversync.services import Services
 from serversync.services.tokens import Tokens
 from serversync.store.crypto import Keyring, new_key
 from serversync.store.db import Database
+from serversync.store.incoming import IncomingStore
 from serversync.web.app import create_app
 from tests import testservers as ts
 
@@ -44,6 +48,8 @@ class Site:
     admin: str
     reader: str
     shots: Path
+    database: str  # the app's SQLite database, for tests that prepare data directly
+    keyring: Keyring
 
 
 def _free_port() -> int:
@@ -79,7 +85,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     assert server.started, "uvicorn did not start"
     shots = Path(os.environ.get("SERVERSYNC_UI_SHOTS") or root)
     shots.mkdir(parents=True, exist_ok=True)
-    yield Site(f"http://127.0.0.1:{port}", admin, reader, shots)
+    yield Site(f"http://127.0.0.1:{port}", admin, reader, shots, url, keyring)
     server.should_exit = True
     thread.join(10)
 
@@ -110,7 +116,7 @@ async def test_sign_in_refuses_a_wrong_token_and_accepts_a_real_one(page: Any,
     await p.click("button:has-text('Sign in')")
     await p.wait_for_selector("h1:has-text('Dashboard')")
     assert "ops" in await p.inner_text("header .who")
-    await p.click("button:has-text('Sign out')")
+    await p.click("button:has-text('Sign out')")  # a reader may sign out
     await p.wait_for_selector("h1:has-text('Sign in')")
     await p.goto(site.url + "/ui/mailboxes")
     assert p.url.endswith("/ui/login")  # the session ended
@@ -174,3 +180,75 @@ async def test_dashboard_renders_charts_and_reader_is_read_only(page: Any,
     await p.click("nav >> text=Mailboxes")
     assert await p.locator("button:has-text('Test & Enable')").count() == 0
     assert await p.locator("#mailbox-form").count() == 0
+
+
+async def test_quarantine_page_retries_and_discards_with_csrf(page: Any, site: Site) -> None:
+    """Two quarantined messages (rows as the incoming job writes them, with its alert; the
+    run itself is covered by test_quarantine.py): linked from the alert, retried and
+    discarded with the buttons, read-only for a reader, refused without the CSRF token."""
+    address = "quarantine-ui@example.test"
+    db = Database(site.database, site.keyring)
+    services = Services(db, wiring.PROBERS)
+    await services.apply(validate(Manifest, {
+        "directory": [{"kind": "user", "key": "qui", "emails": [address]}],
+        "profiles": [{"name": "quarantine-ui", "kind": "imap", "credential_source": "mailbox",
+                      "incoming": {"host": ts.HOST, "port": ts.IMAPS_PORT}}],
+        "mailboxes": [{"address": address, "owner": "qui", "profile": "quarantine-ui",
+                       "incoming": "server-side", "approval": "approved",
+                       "tracking_rule": "all"}]}))
+    now = dt.datetime.now(dt.UTC)
+    async with db.transaction() as repo:
+        mailbox = await repo.get_mailbox(address)
+        assert mailbox.id is not None
+        store = IncomingStore(repo.session)
+        for n in (1, 2):
+            raw = (f"From: Olga <olga@customer.test>\r\nTo: {address}\r\nSubject: stuck {n}\r\n"
+                   f"Message-ID: <stuck-{n}@ui.test>\r\n\r\nbody\r\n").encode()
+            await store.quarantine(mailbox.id, "INBOX", f"7:{n}", raw, "store-refused",
+                                   "the database refused it: IntegrityError: test", now)
+        await repo.add_alert(Alert(Severity.WARNING, "quarantined", f"2 message(s) in INBOX of "
+                                   f"{address} were quarantined", "fix the cause, then retry",
+                                   mailbox=address, channel=Channel.INCOMING, created_at=now))
+        ids = [q.id for q in await store.quarantined(mailbox.id)]
+    await db.close()
+    first, second = (f"#quarantine tr[data-id='{i}']" for i in ids)
+
+    p = page
+    await sign_in(p, site, site.reader)
+    await p.wait_for_selector("h1:has-text('Dashboard')")
+    await p.click("nav >> text=Quarantine")
+    await p.wait_for_selector(first)
+    assert "stuck" not in await p.inner_text("#quarantine")  # subjects: on the detail page
+    assert await p.locator("#quarantine button").count() == 0  # a reader only reads
+    await p.click(f"{first} td >> nth=0 >> a")
+    await p.wait_for_selector("h1:has-text('Quarantined message')")
+    assert "stuck 1" in await p.inner_text("main")
+    await p.click("button:has-text('Sign out')")  # a reader may sign out
+    await p.wait_for_selector("h1:has-text('Sign in')")
+
+    await sign_in(p, site, site.admin)
+    await p.click("nav >> text=Alerts")
+    await p.click(f"#alerts tr:has-text('{address}') >> text=Open the quarantine")
+    await p.wait_for_selector(f"h1:has-text('{address}')")
+    assert "mailbox=" in p.url
+    # a form post without the session's CSRF token changes nothing
+    forged = await p.request.post(f"{site.url}/ui/quarantine/{ids[0]}/retry",
+                                  form={"csrf": "forged"})
+    assert forged.status == 403 and "security token" in await forged.text()
+
+    await p.click(f"{first} button:has-text('Retry')")
+    await p.wait_for_selector(f"{first} .note:has-text('tracked as email activity')")
+    assert "tracked" in await p.inner_text(f"{first} td.status")
+    assert "ui:ops" in await p.inner_text(f"{first} td.status")
+    assert await p.locator(f"{first} button").count() == 0
+    p.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await p.click(f"{second} button:has-text('Discard')")
+    await p.wait_for_selector(f"{second} .note:has-text('discarded')")
+    await p.screenshot(path=str(site.shots / "quarantine.png"), full_page=True)
+
+    await p.goto(f"{site.url}/ui/quarantine?mailbox={address}")
+    assert "Nothing in quarantine" in await p.inner_text("#quarantine")
+    await p.goto(f"{site.url}/ui/quarantine?mailbox={address}&all=true")
+    assert "discarded" in await p.inner_text(second)
+    await p.click("nav >> text=Alerts")
+    assert "were quarantined" not in await p.inner_text("#alerts")  # resolved: none left

@@ -5,7 +5,8 @@ random session cookie (HttpOnly, SameSite=Strict, Secure over HTTPS), so it neve
 the browser. A reader token gets a read-only UI. Every form POST carries the session's CSRF
 token (a hidden field, or the ``X-CSRF-Token`` header htmx sends from ``hx-headers``).
 Buttons work without JavaScript (plain form posts and redirects); with htmx they swap only
-the mailbox they act on. Pages call services only: `Services`, `RunLog`, `Controls`.
+the mailbox they act on. Pages call services only: `Services`, `RunLog`, `Controls`,
+`Quarantine`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import datetime as dt
 import hmac
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serversync.core.access import SAFE_METHODS, Principal
-from serversync.core.errors import SyncError
+from serversync.core.errors import NotFound, SyncError
 from serversync.core.model import (
     ApprovalStatus,
     Channel,
@@ -366,3 +368,88 @@ async def resolve(request: Request, web: Ctx, user: User, alert_id: int) -> Resp
     if is_htmx(request):
         return HTMLResponse("")
     return back("/ui/alerts")
+
+
+# ---------------------------------------------------------------- quarantine
+
+QUARANTINE_PAGE = 200
+
+
+def size_text(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.1f} MB"
+
+
+templates.env.filters["size"] = size_text
+
+
+@router.get("/quarantine", response_class=HTMLResponse)
+async def quarantine_list(request: Request, web: Ctx, user: User, mailbox: str = "",
+                          everything: Annotated[bool, Query(alias="all")] = False,
+                          before_id: int | None = None,
+                          retried: int | None = None, released: int | None = None
+                          ) -> HTMLResponse:
+    """Quarantined incoming mail, newest first, of every mailbox or one (``?mailbox=``)."""
+    chosen = mailbox.strip().lower() or None
+    messages = await web.quarantine.messages(mailbox=chosen, include_released=everything,
+                                             limit=QUARANTINE_PAGE, before_id=before_id)
+    note = ""
+    if retried is not None and released is not None:  # after "Retry all" (numbers only)
+        note = (f"{retried} message(s) retried: {released} released, "
+                f"{retried - released} still in quarantine")
+    return page(request, "quarantine.html", user, messages=messages, mailbox=chosen or "",
+                include_released=everything, note=note,
+                mailboxes=[m.address for m in await web.services.list_mailboxes()],
+                older=messages[-1].id if len(messages) == QUARANTINE_PAGE else None)
+
+
+@router.get("/quarantine/{quarantine_id}", response_class=HTMLResponse)
+async def quarantine_detail(request: Request, web: Ctx, user: User,
+                            quarantine_id: int) -> HTMLResponse:
+    return page(request, "quarantine_item.html", user,
+                q=await web.quarantine.get(quarantine_id))
+
+
+@router.get("/quarantine/{quarantine_id}/raw")
+async def quarantine_raw(web: Ctx, user: User, quarantine_id: int) -> Response:
+    """The .eml as a download (never rendered: it is untrusted mail on our origin)."""
+    raw = await web.quarantine.raw(quarantine_id)
+    return Response(raw, media_type="message/rfc822", headers={
+        "Content-Disposition": f'attachment; filename="quarantine-{quarantine_id}.eml"',
+        "X-Content-Type-Options": "nosniff"})
+
+
+@router.post("/quarantine/retry", response_class=HTMLResponse)
+async def quarantine_retry_mailbox(request: Request, web: Ctx, user: User) -> Response:
+    address = str((await request.form()).get("mailbox", "")).strip().lower()
+    results = await web.quarantine.retry_mailbox(address, by=f"ui:{user.name}")
+    released = sum(r.released for r in results)
+    return back(f"/ui/quarantine?mailbox={quote(address)}&retried={len(results)}"
+                f"&released={released}")
+
+
+@router.post("/quarantine/{quarantine_id}/{action}", response_class=HTMLResponse)
+async def quarantine_action(request: Request, web: Ctx, user: User, quarantine_id: int,
+                            action: str) -> Response:
+    """Retry or discard one message; with htmx, its table row comes back with a note."""
+    by = f"ui:{user.name}"
+    try:
+        if action == "retry":
+            result = await web.quarantine.retry(quarantine_id, by=by)
+            note = (f"{result.outcome}" + (f" as email activity {result.email_id}"
+                                           if result.email_id else "")
+                    if result.released else f"still quarantined: {result.code}")
+        elif action == "discard":
+            await web.quarantine.discard(quarantine_id, by=by)
+            note = "discarded"
+        else:
+            raise NotFound(f"unknown action {action!r}", fix="retry or discard")
+    except SyncError as exc:
+        if not is_htmx(request):
+            raise
+        note = f"{exc.message} — {exc.fix}" if exc.fix else exc.message
+    if not is_htmx(request):
+        return back(f"/ui/quarantine/{quarantine_id}")
+    return page(request, "_quarantine_row.html", user,
+                q=await web.quarantine.get(quarantine_id), note=note)
