@@ -39,7 +39,7 @@ from serversync.core.act import (
     TaskStatus,
     content_hash,
 )
-from serversync.core.errors import ItemError, RuleViolation
+from serversync.core.errors import ItemError
 from serversync.core.model import (
     ApprovalStatus,
     Channel,
@@ -69,16 +69,16 @@ FUTURE = (NOW + dt.timedelta(days=30)).astimezone(BERLIN).replace(hour=9, minute
 
 async def make_service(db: Database, user: str, *, impersonation: bool = False,
                        policy: str = "application-wins", remove_unfiltered: bool = False,
-                       delegation: bool = False) -> ActService:
+                       ) -> ActService:
     reset_dav(user)
     profile = Profile(
         name=f"dav-{user}", kind=ServerKind.IMAP, incoming=Endpoint(HOST, IMAP_PORT),
         dav_url=DAV_URL, allow_plaintext=True, conflict_policy=policy,
         remove_unfiltered=remove_unfiltered,
-        credential_source=CredentialSource.PROFILE if impersonation or delegation
+        credential_source=CredentialSource.PROFILE if impersonation
         else CredentialSource.MAILBOX,
-        service_user=SVC if impersonation or delegation else None,
-        service_secret=Secret(USERS[SVC]) if impersonation or delegation else None,
+        service_user=SVC if impersonation else None,
+        service_secret=Secret(USERS[SVC]) if impersonation else None,
         use_impersonation=impersonation)
     mailbox = Mailbox(address=user, owner_kind=PartyKind.USER, owner=user, profile=profile.name,
                       act=ChannelState(SyncMethod.SERVER_SIDE, True),
@@ -413,13 +413,6 @@ async def test_bad_server_items_are_quarantined_and_the_rest_syncs(db: Database)
     put_server(BOB, "calendar", "bad-tz.ics", ics(meeting("bad-tz", owner=BOB, attendees=())))
     assert (await act.sync(BOB)).items == 1
     assert await act.quarantine_count(BOB) == 4
-
-
-async def test_delegation_is_refused(sqlite_db: Database) -> None:
-    act = await make_service(sqlite_db, ALICE, delegation=True)
-    with pytest.raises(RuleViolation) as info:
-        await act.sync(ALICE)
-    assert info.value.code == "act-on-delegation"
 
 
 # ---------------------------------------------------------------- the reference's rules
