@@ -17,7 +17,8 @@ identity platform references (see ``tests/fixtures/graph/*.json``, each naming i
   ``messages/{id}/$value``, ``sendMail`` (base64 MIME; the Sent Items copy carries the MIME's
   Message-ID as ``internetMessageId``), ``mailFolders/{id}/messages?$filter=internetMessageId
   eq '…'``, PATCH, move and DELETE;
-* ``calendar``, ``calendarView/delta``, ``events``; ``contacts`` and ``contacts/delta``;
+* ``calendar``, ``calendarView/delta``, ``events`` with recurring series, their instances and
+  occurrences (`tests.fakes.graph_calendar`); ``contacts`` and ``contacts/delta``;
   ``todo/lists`` and ``todo/lists/{id}/tasks(/delta)``; ETags with ``If-Match`` (412);
 * ``/subscriptions`` create, renew (PATCH), reauthorize (``POST …/reauthorize``, 204) and
   delete, with the 4230-minute limit; with a ``validator`` set, creating one first runs the
@@ -51,6 +52,7 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.fakes.graph_calendar import Calendar, check_task
 from tests.fakes.loopback import LoopbackServer, Recorded, Reply
 
 ROLES_ALL = frozenset({"Mail.ReadWrite", "Mail.Send", "Calendars.ReadWrite",
@@ -140,6 +142,7 @@ class GraphServer:
         # verified client assertions: (header, claims), in arrival order
         self.assertions: list[tuple[dict[str, Any], dict[str, Any]]] = []
         self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.calendar = Calendar(self)  # events, series and occurrences
         self.validator: Validator | None = None  # set: validate URLs on subscription creation
         self.validations: list[tuple[str, str]] = []  # (url, token) asked
         self.reauthorized: list[str] = []  # subscription ids, in order
@@ -561,7 +564,11 @@ class GraphServer:
                     "startDateTime" in params and "endDateTime" in params):
                 return _json(400, _err("ErrorInvalidParameter",
                                        "startDateTime and endDateTime are required"))
-            return self._delta(request, user.collection("events"), params, dict)
+            return self._delta(request, user.collection("events"), params,
+                               lambda item: self.calendar.view(item, None))
+        if head == "events" and parts[1:] != ["delta"]:
+            denied = self._need(app, "Calendars.ReadWrite")
+            return denied or self.calendar.handle(request, user, parts[1:], params)
         if head in ("events", "contacts"):
             role = "Calendars.ReadWrite" if head == "events" else "Contacts.ReadWrite"
             denied = self._need(app, role)
@@ -583,7 +590,9 @@ class GraphServer:
             if parts[3:] == ["tasks", "delta"]:
                 return self._delta(request, user.collection(collection), params, dict)
             if len(parts) >= 4 and parts[3] == "tasks":
-                return self._crud(request, user, collection, parts[4:], params)
+                refused = check_task(request, user.collection(collection).items.get(parts[4])
+                                     if len(parts) == 5 else None)
+                return refused or self._crud(request, user, collection, parts[4:], params)
         return _json(400, _err("BadRequest", f"unsupported: {method} {'/'.join(parts)}"))
 
     def _crud(self, request: Recorded, user: User, collection: str, rest: list[str],
