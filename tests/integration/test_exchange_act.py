@@ -4,8 +4,9 @@ Verified only against `tests.fakes.ews_server`, which stores the items exchangel
 answers SyncFolderItems/GetItem/UpdateItem/DeleteItem in the documented shapes. The ACT job
 (services.act) drives `connectors.ews_items.EwsItemStore` with impersonation: creates carry
 the UID (calendar ``UID``, an extended property for contacts and tasks) and the tracking
-category, only categorized server items come back, a stale ChangeKey is a precondition
-failure, and delegation stays refused for appointments, contacts and tasks.
+category, only categorized server items come back, and a stale ChangeKey is a precondition
+failure. That delegation is refused for appointments, contacts and tasks is part of the
+channel contract (`tests/contract/test_act.py`), which runs against this fake too.
 
 Recurring series (the second half): the wire requests are compared with the fixtures under
 ``tests/fixtures/ews`` (Recurrence, StartTimeZone, OccurrenceItemId), "Outlook" is a second
@@ -56,7 +57,6 @@ from serversync.core.act import (
     as_instant,
     content_hash,
 )
-from serversync.core.errors import RuleViolation
 from serversync.core.model import (
     ApprovalStatus,
     Channel,
@@ -91,10 +91,10 @@ def server() -> Iterator[EwsServer]:
     assert not fake.http.errors, fake.http.errors
 
 
-def profile(server: EwsServer, *, impersonation: bool = True) -> Profile:
+def profile(server: EwsServer) -> Profile:
     return Profile("ex", ServerKind.EXCHANGE, None, credential_source=CredentialSource.PROFILE,
                    service_user=SVC, service_secret=Secret("svc-pw"),
-                   use_impersonation=impersonation, ews_url=server.url, allow_plaintext=True)
+                   use_impersonation=True, ews_url=server.url, allow_plaintext=True)
 
 
 async def make_service(db: Database, server: EwsServer) -> ActService:
@@ -203,20 +203,6 @@ async def test_a_stale_change_key_is_refused(server: EwsServer) -> None:
         assert fetched.record is not None and fetched.record.uid == "c1"
         assert isinstance(fetched.record, Contact) and fetched.record.job_title == \
             "changed elsewhere"
-
-
-async def test_delegation_is_refused_for_act(db: Database, server: EwsServer) -> None:
-    mailbox = Mailbox(BOB, PartyKind.USER, BOB, "ex",
-                      act=ChannelState(SyncMethod.SERVER_SIDE, True),
-                      approval=ApprovalStatus.APPROVED)
-    async with db.transaction() as repo:
-        await repo.save_profile(profile(server, impersonation=False))
-        await repo.save_mailbox(mailbox)
-    before = len(server.requests)
-    with pytest.raises(RuleViolation) as caught:
-        await ActService(db, wiring.ACT_STORES).sync(BOB)
-    assert caught.value.code == "act-on-delegation"
-    assert len(server.requests) == before  # refused before any connection
 
 
 # ---------------------------------------------------------------- recurring series
