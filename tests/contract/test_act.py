@@ -6,7 +6,7 @@ item created there, come back; deletes go both ways; a write carrying a stale et
 ChangeKey is refused by the server and the conflict is then resolved by the profile's
 conflict policy; delegated access is refused (where the backend has delegation); an item the
 server holds that cannot be read is quarantined with an alert while the rest syncs.
-Recurring items are not part of this contract yet (see docs/exchange.md).
+Recurring items have their own contract in `test_recurrence.py`.
 """
 
 from __future__ import annotations

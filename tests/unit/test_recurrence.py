@@ -11,6 +11,7 @@ import itertools
 from zoneinfo import ZoneInfo
 
 import pytest
+from dateutil import rrule as du
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -118,6 +119,15 @@ rules = st.one_of(
               st.integers(1, 12), st.integers(1, 28)),
     st.builds(lambda m, n, d: f"FREQ=YEARLY;BYMONTH={m};BYDAY={n}{d}",
               st.integers(1, 12), st.sampled_from(["1", "2", "-1"]), st.sampled_from(_DAYS)),
+    st.builds(lambda i, d, p: f"FREQ=MONTHLY;INTERVAL={i};BYDAY={d};BYSETPOS={p}",
+              st.integers(1, 3), st.sampled_from(["MO,TU,WE,TH,FR", "SA,SU",
+                                                  "MO,TU,WE,TH,FR,SA,SU"]),
+              st.sampled_from(["1", "2", "4", "-1"])),
+    st.builds(lambda n: f"FREQ=MONTHLY;BYMONTHDAY={','.join(map(str, range(28, n + 1)))}"
+                        ";BYSETPOS=-1", st.integers(29, 31)),
+    st.builds(lambda i, d, w: f"FREQ=WEEKLY;INTERVAL={i};BYDAY={','.join(d)};WKST={w}",
+              st.integers(2, 3), st.lists(st.sampled_from(_DAYS), min_size=2, max_size=4,
+                                          unique=True), st.sampled_from(["SU", "MO", "WE"])),
 )
 ends = st.one_of(st.just(""), st.builds(lambda c: f";COUNT={c}", st.integers(1, 30)),
                  st.builds(_until, st.integers(0, 800)))
@@ -127,17 +137,24 @@ ends = st.one_of(st.just(""), st.builds(lambda c: f";COUNT={c}", st.integers(1, 
 @settings(max_examples=150, deadline=None)
 @given(rule=rules, end=ends, zone=st.sampled_from(["UTC", BERLIN, "America/New_York"]))
 def test_canonical_rule_never_moves_an_occurrence(rule: str, end: str, zone: str) -> None:
+    """Our standard-library expansion of the Exchange pattern, and python-dateutil's RFC
+    5545 engine on both the original and the canonical rule, give the same occurrences."""
     start = dt.datetime(2026, 1, 5, 9, 0, tzinfo=ZoneInfo(zone))
     original = rule + end
-    before = list(itertools.islice(starts(original, start, zone), 60))
+    before = rfc5545(original, start)
     if not before:  # an UNTIL before the first occurrence: an empty series is refused
         with pytest.raises(Unrepresentable, match="before its first occurrence"):
             canonical_rrule(original, start, zone)
         return
     canonical = canonical_rrule(original, start, zone)
     assert canonical_rrule(canonical, start, zone) == canonical  # a fixed point
-    after = list(itertools.islice(starts(canonical, start, zone), 60))
-    assert after == before
+    assert rfc5545(canonical, start) == before
+    assert list(itertools.islice(starts(original, start, zone), 60)) == before
+
+
+def rfc5545(rule: str, start: dt.datetime) -> list[dt.datetime]:
+    """The reference expansion (dateutil), first 60 occurrences."""
+    return list(itertools.islice(du.rrulestr(rule, dtstart=start), 60))
 
 
 @pytest.mark.parametrize(("rule", "day"), [
@@ -170,3 +187,13 @@ def test_exchange_day_31_is_the_months_last_day_exactly() -> None:
     assert canonical_rrule(text, leap, BERLIN) == text
     with pytest.raises(Unrepresentable, match="BYSETPOS"):
         from_rrule("FREQ=MONTHLY;BYMONTHDAY=29,30;BYSETPOS=-1", START, BERLIN)
+
+
+@pytest.mark.parametrize("rule", ["FREQ=DAILY;INTERVAL=3;COUNT=9", "FREQ=WEEKLY;BYDAY=TU,FR",
+                                  "FREQ=MONTHLY;BYDAY=-1FR", "FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=5"])
+def test_all_day_series_expand_to_dates(rule: str) -> None:
+    first = dt.date(2026, 1, 5)
+    ours = list(itertools.islice(starts(rule, first, BERLIN), 20))
+    reference = [m.date() for m in itertools.islice(
+        du.rrulestr(rule, dtstart=dt.datetime(2026, 1, 5)), 20)]
+    assert ours == reference and all(type(d) is dt.date for d in ours)

@@ -18,8 +18,9 @@ the same every time. `starts` and `instance_index` expand a series in its own ti
 (wall-clock times stay put across daylight-saving changes, as Outlook shows them): EWS
 addresses an occurrence by its 1-based instance index, Graph by its original start.
 
-Only the standard library and ``python-dateutil`` (already required by icalendar's
-ecosystem and the de-facto RRULE engine) are used.
+Standard library only (DESIGN.md: core imports nothing else): the expansion is written for
+Exchange's six patterns, which is all it needs; the unit tests check it against
+python-dateutil's RFC 5545 engine.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import enum
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from dateutil import rrule as du
 
 from serversync.core.errors import ItemError
 
@@ -186,6 +185,13 @@ def from_rrule(rule: str, start: dt.datetime | dt.date, zone: str = "UTC") -> Pa
 
     Defaults follow RFC 5545: a missing BYDAY / BYMONTHDAY / BYMONTH comes from DTSTART.
     """
+    pattern = _pattern(rule, start, zone)
+    if pattern.end is not None and next(expand(pattern, start, zone), None) is None:
+        raise Unrepresentable(f"RRULE {rule!r} ends before its first occurrence")
+    return pattern
+
+
+def _pattern(rule: str, start: dt.datetime | dt.date, zone: str) -> Pattern:
     parts = _parts(rule)
     first = local_start(start, zone)
     day = _day_of(first)
@@ -198,7 +204,7 @@ def from_rrule(rule: str, start: dt.datetime | dt.date, zone: str = "UTC") -> Pa
         raise Unrepresentable(f"RRULE {rule!r} has both UNTIL and COUNT")
     if "UNTIL" in parts:
         end = _until_day(parts["UNTIL"], first, zone)
-        if end < day or next(starts(rule, start, zone), None) is None:
+        if end < day:
             raise Unrepresentable(f"RRULE {rule!r} ends before its first occurrence")
     elif "COUNT" in parts:
         count = _int(parts, "COUNT", rule)
@@ -361,15 +367,80 @@ def canonical_rrule(rule: str, start: dt.datetime | dt.date, zone: str = "UTC") 
 def starts(rule: str, start: dt.datetime | dt.date, zone: str = "UTC",
            ) -> Iterator[dt.datetime | dt.date]:
     """The occurrence starts of a series, in order, as wall-clock times in ``zone`` (dates
-    for all-day series). Unbounded rules give an unbounded iterator."""
-    first = local_start(start, zone)  # ZoneInfo keeps wall-clock times across DST changes
-    dtstart = first if isinstance(first, dt.datetime) else dt.datetime.combine(first, dt.time())
-    try:
-        recurrence = du.rrulestr(rule.removeprefix("RRULE:"), dtstart=dtstart)
-    except (ValueError, TypeError) as exc:
-        raise Unrepresentable(f"RRULE {rule!r} cannot be expanded: {exc}") from None
-    for moment in recurrence:
-        yield moment if isinstance(first, dt.datetime) else moment.date()
+    for all-day series). Unbounded rules give an unbounded iterator. Only rules Exchange can
+    express are expanded (others raise `Unrepresentable`): every series we sync is one."""
+    return expand(from_rrule(rule, start, zone), start, zone)
+
+
+def expand(pattern: Pattern, start: dt.datetime | dt.date, zone: str = "UTC",
+           ) -> Iterator[dt.datetime | dt.date]:
+    """The occurrence starts of ``pattern`` with Exchange's semantics, standard library only.
+
+    Days are found period by period (day, week from ``first_day_of_week``, month, year);
+    each keeps the series' wall-clock start time in ``zone`` (ZoneInfo resolves the offset
+    of each day, so 09:00 stays 09:00 across daylight-saving changes). An absolute day past
+    a month's end falls on its last day, as Exchange's DayOfMonth does. Days before
+    ``start`` are skipped; the range ends after ``count`` occurrences or on ``end``.
+    """
+    first = local_start(start, zone)
+    day0 = _day_of(first)
+    for produced, day in enumerate(_days(pattern, day0)):
+        if pattern.end is not None and day > pattern.end:
+            return
+        if pattern.count is not None and produced >= pattern.count:
+            return
+        if isinstance(first, dt.datetime):
+            yield dt.datetime.combine(day, first.time(), first.tzinfo)
+        else:
+            yield day
+
+
+def _month_days(year: int, month: int) -> int:
+    following = dt.date(year + month // 12, month % 12 + 1, 1)
+    return (following - dt.timedelta(days=1)).day
+
+
+def _relative(year: int, month: int, pattern: Pattern) -> dt.date:
+    """The first..fourth or last of the pattern's weekdays in a month."""
+    wanted = {DAYS.index(d) for d in pattern.days_of_week}
+    days = [dt.date(year, month, d) for d in range(1, _month_days(year, month) + 1)]
+    matching = [d for d in days if d.weekday() in wanted]
+    return matching[-1] if pattern.index is WeekIndex.LAST else \
+        matching[_INDEX_OUT[pattern.index] - 1]
+
+
+def _days(pattern: Pattern, day0: dt.date) -> Iterator[dt.date]:
+    """Every day of the pattern from ``day0`` on, without end."""
+    step = pattern.interval
+    kind = pattern.type
+    if kind is PatternType.DAILY:
+        day = day0
+        while True:
+            yield day
+            day += dt.timedelta(days=step)
+    if kind is PatternType.WEEKLY:
+        wanted = sorted(DAYS.index(d) for d in pattern.days_of_week)
+        week_start = DAYS.index(pattern.first_day_of_week)
+        monday_offset = (day0.weekday() - week_start) % 7
+        week = day0 - dt.timedelta(days=monday_offset)
+        while True:
+            for offset in sorted((w - week_start) % 7 for w in wanted):
+                day = week + dt.timedelta(days=offset)
+                if day >= day0:
+                    yield day
+            week += dt.timedelta(weeks=step)
+    yearly = kind in (PatternType.ABSOLUTE_YEARLY, PatternType.RELATIVE_YEARLY)
+    year, month = day0.year, pattern.month if yearly else day0.month
+    months = 12 * step if yearly else step
+    while True:
+        if kind in (PatternType.ABSOLUTE_MONTHLY, PatternType.ABSOLUTE_YEARLY):
+            day = dt.date(year, month, min(pattern.day_of_month, _month_days(year, month)))
+        else:
+            day = _relative(year, month, pattern)
+        if day >= day0:
+            yield day
+        month += months
+        year, month = year + (month - 1) // 12, (month - 1) % 12 + 1
 
 
 def _same(a: dt.datetime | dt.date, b: dt.datetime | dt.date) -> bool:
