@@ -391,6 +391,10 @@ async def test_a_rule_exchange_cannot_store_is_refused_by_name(db: Database,
     assert list(subjects(server, "calendar").values()) == ["Review"]
     [create] = sent(server, "CreateItem")
     assert create.find(f".//{{{T}}}Recurrence") is None
+    async with db.transaction() as repo:
+        refused = sorted(a.message for a in await repo.list_alerts(mailbox=BOB)
+                         if a.code == "act-item-refused")
+    assert len(refused) == 2 and "biennial" in refused[0] and "two-weekdays" in refused[1]
 
 
 async def test_recurring_tasks_and_a_regenerating_one(db: Database, server: EwsServer) -> None:

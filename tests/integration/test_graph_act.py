@@ -481,6 +481,15 @@ async def test_an_unrepresentable_rule_is_refused_naming_it_while_others_sync(
     [bad] = [a for a in alerts if a.code == "act-bad-item"]
     assert "tzone://Microsoft/Custom" in bad.message
     assert await act.quarantine_count(BOB) == 1
+    # the application record Exchange cannot take: one alert naming it and the rule, with
+    # what to change; not repeated while it is open
+    [refused] = [a for a in alerts if a.code == "act-item-refused"]
+    assert "twice-a-month" in refused.message and "BYMONTHDAY=1,15" in refused.message
+    assert refused.fix and "Outlook" in refused.fix
+    await act.sync(BOB)
+    async with db.transaction() as repo:
+        again = [a for a in await repo.list_alerts(mailbox=BOB) if a.code == "act-item-refused"]
+    assert len(again) == 1
 
 
 async def test_a_recurring_to_do_task_both_ways(db: Database, server: GraphServer) -> None:

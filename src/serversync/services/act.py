@@ -96,6 +96,7 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     written: dict[str, str | None] = field(default_factory=dict)  # href -> etag we wrote
     removed: set[str] = field(default_factory=set)  # hrefs we deleted
+    refused_writes: list[tuple[str, ItemError]] = field(default_factory=list)
 
 
 class ActService:
@@ -404,6 +405,7 @@ class ActService:
                 except ItemError as exc:
                     run.failures += 1
                     run.notes.append(f"{action.ident}: {exc.message}")
+                    run.refused_writes.append((action.ident, exc))
                     continue
                 writes.append(write)
                 run.actions += 1
@@ -423,6 +425,29 @@ class ActService:
                                                          server) is kind])
                 for write in writes:
                     await write(act)
+        if run.refused_writes:
+            await self._alert_refused(mailbox, run.refused_writes, now)
+
+    async def _alert_refused(self, mailbox: Mailbox, refused: list[tuple[str, ItemError]],
+                             now: dt.datetime) -> None:
+        """One alert per application record the server cannot take (a rule Exchange has no
+        pattern for, a field it refuses): the record stays as it is and is tried again when
+        it changes; the alert says which record and what to change. An alert still open for
+        the same record and reason is not repeated on every run."""
+        async with self.db.transaction() as repo:
+            open_alerts = {a.message for a in await repo.list_alerts(mailbox=mailbox.address)
+                           if a.code == "act-item-refused"}
+            for ident, exc in refused:
+                message = (f"{mailbox.address}: the record {ident} cannot be written to the "
+                           f"server: {exc.message}")
+                if message in open_alerts:
+                    continue
+                open_alerts.add(message)
+                await repo.add_alert(Alert(
+                    Severity.WARNING, "act-item-refused", message,
+                    exc.fix or "change the record in the application; it is written again "
+                                "when it changes", mailbox=mailbox.address,
+                    channel=Channel.ACT, created_at=now))
 
     async def _remote_part(self, store: ItemStore, user: str, remote: ItemCollection,
                            col: Collection, action: Action, status: dict[str, StatusEntry],
