@@ -340,7 +340,13 @@ class ChannelRunner:
 
     async def _profile_alert(self, repo: Any, store: RunStore, profile: Profile,
                              now: dt.datetime) -> Alert | None:
-        """Raise the profile alert when more than half its mailboxes failed within an hour."""
+        """Raise the profile alert when more than half its mailboxes failed within an hour.
+
+        Runs of one profile's mailboxes finish concurrently: without the lock two failing
+        runs on PostgreSQL (READ COMMITTED) each count only their own failure, and the
+        alert is never raised. Locked, the second waits and then counts the first.
+        """
+        await repo.lock_profile(profile.name)
         mailboxes = [m.address for m in await repo.list_mailboxes(profile.name)
                      if any(m.channel(c).method is SyncMethod.SERVER_SIDE for c in Channel)]
         failed = await store.failed_mailboxes(profile.name, now - PROFILE_WINDOW)

@@ -149,6 +149,13 @@ class Repository:
         await self.session.flush()
         return dataclasses.replace(profile, id=row.id)
 
+    async def lock_profile(self, name: str) -> None:
+        """Hold the profile's row until the transaction ends (PostgreSQL ``FOR UPDATE``;
+        SQLite serialises writers anyway), so that decisions over all of a profile's
+        mailboxes — "most of them are failing" — see each other's committed results."""
+        await self.session.execute(
+            select(ProfileRow.id).where(ProfileRow.name == name).with_for_update())
+
     async def delete_profile(self, name: str) -> None:
         row = await self._profile_row(name)
         users = await self.session.scalars(
