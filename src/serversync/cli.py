@@ -28,7 +28,6 @@ from rich.table import Table
 
 from serversync import wiring
 from serversync.config import Settings
-from serversync.connectors.oauth import DeviceCode
 from serversync.core.errors import ConfigError, SyncError
 from serversync.core.model import (
     Alert,
@@ -45,6 +44,7 @@ from serversync.core.model import (
 )
 from serversync.core.rules import access_mode
 from serversync.core.secret import Secret
+from serversync.core.signin import SignIn
 from serversync.manifest import MailboxSpec, PartySpec, ProfileSpec, load_manifest, validate
 from serversync.services import Services, TestReport
 from serversync.services.quarantine import QuarantinedMessage, RetryResult, quarantine_of
@@ -648,11 +648,11 @@ def mailbox_sign_in(address: str) -> None:
     Shows a code; the user opens Microsoft's page on any device, enters it and signs in.
     The refresh token that results is stored encrypted as the mailbox's secret.
     """
-    def show(code: DeviceCode) -> None:
+    def show(code: SignIn) -> None:
         out.print(code.message or f"To sign in, open {code.verification_uri} and enter the "
                   f"code {code.user_code}", highlight=False, soft_wrap=True)
         out.print("[dim]waiting for the sign-in…[/]")
-    who = run(lambda s: s.sign_in(address, show))
+    who = run(lambda s: s.sign_in(address, show, by=_actor()))
     out.print(f"signed in as {who}; run: serversync mailbox test-enable {address}",
               highlight=False)
 

@@ -9,15 +9,21 @@ refresh (the old one still valid), ``invalid_grant`` AADSTS700082 once it is rev
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from serversync import wiring
-from serversync.connectors.oauth import REFRESH_TOKENS, DeviceCode
+from serversync.cli import app as cli_app
+from serversync.connectors.oauth import REFRESH_TOKENS
 from serversync.core.errors import AuthError, RuleViolation
 from serversync.core.model import Channel
 from serversync.core.secret import Secret
+from serversync.core.signin import SignIn
 from serversync.manifest import Manifest, validate
 from serversync.services import Services
 from serversync.services.incoming import IncomingJob
@@ -71,9 +77,9 @@ async def test_device_sign_in_then_sync_keeps_the_newest_refresh_token(
     assert not report.ok and {r.code for r in report.results} == {"credentials-missing"}
     assert "serversync mailbox sign-in dan@contoso.test" in (report.results[0].fix or "")
 
-    shown: list[DeviceCode] = []
+    shown: list[SignIn] = []
 
-    def on_code(code: DeviceCode) -> None:
+    def on_code(code: SignIn) -> None:
         shown.append(code)
         server.approve(code.user_code, DAN)  # the user signs in on Microsoft's page
     assert await services.sign_in(DAN, on_code) == DAN
@@ -143,3 +149,41 @@ async def test_a_revoked_sign_in_asks_for_a_new_one(services: Services, server: 
     assert not report.ok
     result = report.results[0]
     assert result.code == "token-expired" and "sign in again" in (result.fix or "")
+
+
+def test_cli_sign_in_shows_the_code_and_waits(server: GraphServer, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVERSYNC_DATABASE_URL", f"sqlite:///{tmp_path}/cli.db")
+    monkeypatch.setenv("SERVERSYNC_KEY_FILE", str(tmp_path / "cli.key"))
+    monkeypatch.delenv("SERVERSYNC_SECRET_KEY", raising=False)
+    config = tmp_path / "eo.yaml"
+    config.write_text(json.dumps({
+        "directory": [{"kind": "user", "key": "dan", "emails": [DAN]}],
+        "profiles": [{"name": "eo-own", "kind": "exchange-online",
+                      "credential_source": "mailbox", "tenant_id": server.tenant,
+                      "client_id": APP, "token_url": server.token_url,
+                      "api_url": server.api_url, "allow_plaintext": True}],
+        "mailboxes": [{"address": DAN, "owner": "dan", "profile": "eo-own",
+                       "incoming": "server-side", "allow_credentials": True}]}))
+    runner = CliRunner()
+    assert runner.invoke(cli_app, ["apply", "-f", str(config)]).exit_code == 0
+    stop = threading.Event()
+
+    def user() -> None:  # the user signs in on Microsoft's page while the command waits
+        while not stop.wait(0.05):
+            pending = list(server.device_sign_ins.values())
+            if pending:
+                server.approve(pending[0].user_code, DAN)
+                return
+    helper = threading.Thread(target=user)
+    helper.start()
+    try:
+        result = runner.invoke(cli_app, ["mailbox", "sign-in", DAN])
+    finally:
+        stop.set()
+        helper.join()
+    assert result.exit_code == 0, result.stderr
+    assert "https://microsoft.com/devicelogin and enter the code F" in result.stdout
+    assert f"signed in as {DAN}" in result.stdout
+    shown = json.loads(runner.invoke(cli_app, ["mailbox", "show", DAN, "--json"]).stdout)
+    assert shown["secret"] == "set"

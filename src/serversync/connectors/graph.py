@@ -157,16 +157,43 @@ async def sign_in(profile: Profile, mailbox: Mailbox, options: ConnectOptions,
     """A user's own sign-in for their mailbox (device authorization grant, RFC 8628).
 
     The user opens Microsoft's page on any device and enters the code ``on_code`` shows;
-    the answer carries the refresh token the mailbox keeps. The token must be the mailbox's
-    own user: a sign-in by anyone else is refused (it would sync their mailbox instead).
+    the answer carries the refresh token the mailbox keeps. `start_sign_in` and
+    `finish_sign_in` are the two halves, for callers that show the code elsewhere (the
+    REST API and the admin UI answer at once and poll in the background).
     """
+    code = await start_sign_in(profile, mailbox, options, transport=transport)
+    on_code(code)
+    return await finish_sign_in(profile, mailbox, options, code, sleep=sleep,
+                                transport=transport)
+
+
+def _sign_in_client(profile: Profile, options: ConnectOptions,
+                    transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
     _check_https("token_url", token_url(profile), profile)
+    return httpx.AsyncClient(timeout=options.timeout, follow_redirects=False,
+                             transport=transport, verify=tls_context(options.ca_file))
+
+
+async def start_sign_in(profile: Profile, mailbox: Mailbox, options: ConnectOptions, *,
+                        transport: httpx.AsyncBaseTransport | None = None) -> DeviceCode:
+    """Ask Microsoft for a device code and the user code to show (RFC 8628 §3.1–3.2)."""
+    async with _sign_in_client(profile, options, transport) as http:
+        return await start_device_sign_in(http, device_code_url(profile),
+                                          profile.client_id or "", DELEGATED_SCOPE,
+                                          what=f"Graph sign-in for {mailbox.address}")
+
+
+async def finish_sign_in(profile: Profile, mailbox: Mailbox, options: ConnectOptions,
+                         code: DeviceCode, *,
+                         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                         transport: httpx.AsyncBaseTransport | None = None) -> AccessToken:
+    """Poll until the user signed in; the token, which must be the mailbox's own user's.
+
+    A sign-in by anyone else is refused (it would sync their mailbox instead), and so is an
+    answer without a refresh token (nothing could be stored to sync with later).
+    """
     what = f"Graph sign-in for {mailbox.address}"
-    async with httpx.AsyncClient(timeout=options.timeout, follow_redirects=False,
-                                 transport=transport, verify=tls_context(options.ca_file)) as http:
-        code = await start_device_sign_in(http, device_code_url(profile),
-                                          profile.client_id or "", DELEGATED_SCOPE, what=what)
-        on_code(code)
+    async with _sign_in_client(profile, options, transport) as http:
         token = await finish_device_sign_in(http, token_url(profile), profile.client_id or "",
                                             code, what=what, client_secret=profile.client_secret,
                                             sleep=sleep)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serversync.connectors.net import ConnectOptions
-from serversync.connectors.oauth import DeviceCode
 from serversync.connectors.protocols import Prober
 from serversync.core import rules
 from serversync.core.errors import ConfigError, NotFound, RuleViolation, SyncError, TransientError
@@ -36,6 +35,7 @@ from serversync.core.model import (
     Severity,
     SyncMethod,
 )
+from serversync.core.signin import SignIn
 from serversync.manifest import (
     MailboxSpec,
     Manifest,
@@ -120,6 +120,8 @@ class Services:
         self.probers = probers
         self.jobs: dict[Channel, ChannelJob] = dict(jobs or {})
         self.clock = clock
+        # device-code sign-ins: real time, as Microsoft's codes expire in real time
+        self.sign_ins = consent.SignIns(db, connect_options)
 
     async def run_channel(self, address: str, channel: Channel) -> RunSummary:
         """Run one channel of one mailbox once (the runtime's unit of work)."""
@@ -132,9 +134,13 @@ class Services:
         finally:
             await consent.save_rotated(self.db)  # renewed sign-ins survive a restart
 
-    async def sign_in(self, address: str, on_code: Callable[[DeviceCode], None]) -> str:
-        """A user's own sign-in for an Exchange Online mailbox (`services.consent`)."""
-        return await consent.sign_in(self.db, address, on_code, connect_options)
+    async def sign_in(self, address: str, on_code: Callable[[SignIn], None], *,
+                      by: str = "cli") -> str:
+        """A user's own sign-in for an Exchange Online mailbox, waited for here (the CLI).
+
+        The REST API and the admin UI use `sign_ins` (start, then read the state).
+        """
+        return await self.sign_ins.sign_in(address, on_code, by=by)
 
     # ------------------------------------------------------------ profiles
 

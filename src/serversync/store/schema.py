@@ -10,6 +10,7 @@ from serversync.store import (  # noqa: F401
     incoming,
     outgoing,
     runs,
+    sign_ins,
     tables,
     web,
 )

@@ -7,6 +7,11 @@ token (a hidden field, or the ``X-CSRF-Token`` header htmx sends from ``hx-heade
 Buttons work without JavaScript (plain form posts and redirects); with htmx they swap only
 the mailbox they act on. Pages call services only: `Services`, `RunLog`, `Controls`,
 `Quarantine`.
+
+An Exchange Online mailbox whose profile takes credentials from each mailbox gets a
+"Microsoft sign-in" card (`services.consent.SignIns`): *Sign in* shows the code and the page
+to open, and the card asks for itself again every two seconds (htmx polling) until the
+sign-in is done, failed or expired.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from serversync.core.model import (
     TlsMode,
 )
 from serversync.core.rules import access_mode
+from serversync.core.signin import SignIn
 from serversync.manifest import MailboxSpec, ProfileSpec, validate
 from serversync.services import TestReport
+from serversync.services.consent import supports_sign_in
 from serversync.web import charts
 from serversync.web.api import reach_warning
 from serversync.web.deps import WebContext, context
@@ -346,11 +353,50 @@ async def channel_action(request: Request, web: Ctx, user: User, address: str,
 @router.get("/mailboxes/{address}", response_class=HTMLResponse)
 async def mailbox_detail(request: Request, web: Ctx, user: User, address: str) -> HTMLResponse:
     mailbox: Mailbox = await web.services.get_mailbox(address)
-    return page(request, "mailbox.html", user, m=mailbox,
+    profile = await web.services.get_profile(mailbox.profile)
+    sign_in = supports_sign_in(profile)
+    return page(request, "mailbox.html", user, m=mailbox, sign_in=sign_in,
+                si=await _latest_sign_in(web, mailbox.address) if sign_in else None,
                 schedules=await web.runlog.schedules(address),
                 runs=await web.runlog.recent(mailbox=address, limit=30),
                 mailbox_alerts=await web.services.alerts(mailbox=address,
                                                          include_resolved=True))
+
+
+async def _latest_sign_in(web: WebContext, address: str) -> SignIn | None:
+    try:
+        return await web.services.sign_ins.get(address)
+    except NotFound:
+        return None
+
+
+async def _sign_in_card(request: Request, web: WebContext, user: Principal, address: str,
+                        state: SignIn | None, note: str = "") -> Response:
+    if not is_htmx(request):
+        return back(f"/ui/mailboxes/{quote(address)}")
+    mailbox = await web.services.get_mailbox(address)
+    return page(request, "_sign_in.html", user, m=mailbox, si=state, note=note)
+
+
+@router.post("/mailboxes/{address}/sign-in", response_class=HTMLResponse)
+async def start_sign_in(request: Request, web: Ctx, user: User, address: str) -> Response:
+    """Start the user's own sign-in; the card shows the code and polls for the outcome."""
+    try:
+        state: SignIn | None = await web.services.sign_ins.start(address, by=f"ui:{user.name}")
+    except SyncError as exc:
+        if not is_htmx(request):
+            raise
+        state = await _latest_sign_in(web, address)
+        return await _sign_in_card(request, web, user, address, state,
+                                   f"{exc.message} — {exc.fix}" if exc.fix else exc.message)
+    return await _sign_in_card(request, web, user, address, state)
+
+
+@router.get("/mailboxes/{address}/sign-in", response_class=HTMLResponse)
+async def sign_in_state(request: Request, web: Ctx, user: User, address: str) -> Response:
+    """The sign-in card again (what htmx polls while the sign-in is pending)."""
+    return await _sign_in_card(request, web, user, address,
+                               await _latest_sign_in(web, address))
 
 
 # ---------------------------------------------------------------- alerts

@@ -44,6 +44,8 @@ from serversync.web.schemas import (
     RetryOut,
     RunOut,
     ScheduleOut,
+    SignInOut,
+    SignInStartOut,
     TestReportOut,
     TokenOut,
     WebhookOut,
@@ -59,6 +61,8 @@ from serversync.web.schemas import (
     retry_out,
     run_out,
     schedule_out,
+    sign_in_out,
+    sign_in_start_out,
     token_out,
     webhook_out,
 )
@@ -210,6 +214,25 @@ async def sync_now(ctx: Ctx, address: str, channel: Channel) -> dict[str, Any]:
     """"Sync now": the channel is due at once (a server-imposed backoff still holds)."""
     await ctx.runlog.request_sync(address, channel)
     return {"mailbox": address, "channel": channel.value, "requested": True}
+
+
+@router.post("/mailboxes/{address}/sign-in", response_model=SignInStartOut, status_code=202,
+             tags=["mailboxes"])
+async def start_sign_in(ctx: Ctx, who: Who, address: str) -> SignInStartOut:
+    """Start the mailbox user's own sign-in (Exchange Online, ``credential_source: mailbox``).
+
+    Answers at once with the code the user types at ``verification_uri``; serversync then
+    waits for the sign-in in the background and stores the refresh token (encrypted, never
+    returned). Read the outcome with ``GET``. Starting again replaces a pending sign-in.
+    """
+    return sign_in_start_out(await ctx.services.sign_ins.start(address, by=f"api:{who.name}"))
+
+
+@router.get("/mailboxes/{address}/sign-in", response_model=SignInOut, tags=["mailboxes"])
+async def get_sign_in(ctx: Ctx, address: str) -> SignInOut:
+    """The latest sign-in's state: ``pending``, ``done`` (``signed_in_as``), ``failed`` or
+    ``expired`` (``error`` with code, message and fix); 404 if none was started."""
+    return sign_in_out(await ctx.services.sign_ins.get(address))
 
 
 @router.get("/mailboxes/{address}/schedule", response_model=list[ScheduleOut],

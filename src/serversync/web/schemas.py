@@ -20,6 +20,7 @@ from serversync.core.email import EmailActivity
 from serversync.core.model import Alert, Mailbox, Party, Profile
 from serversync.core.schedule import ChannelSchedule, Run
 from serversync.core.secret import Secret
+from serversync.core.signin import SignIn, SignInStatus
 from serversync.core.webhooks import Delivery, Event, Webhook
 from serversync.manifest import ProfileSpec, profile_to_spec
 from serversync.services import ChannelResult, TestReport
@@ -121,6 +122,58 @@ def mailbox_out(mailbox: Mailbox) -> MailboxOut:
     data = plain(dataclasses.replace(mailbox, secret=None))
     data["secret"] = secret_state(mailbox.secret)
     return MailboxOut.model_validate(data)
+
+
+class SignInErrorOut(Out):
+    code: str
+    message: str
+    fix: str
+
+
+class SignInStartOut(Out):
+    """What to show the user: open ``verification_uri``, type ``user_code``."""
+
+    mailbox: str
+    status: str
+    user_code: str
+    verification_uri: str
+    message: str = Field(description="Microsoft's own instructions for the user")
+    expires_at: dt.datetime
+
+
+class SignInOut(Out):
+    """A sign-in's state. The user code and message are given only while it is pending
+    (useless afterwards); the device code and the tokens are never given."""
+
+    mailbox: str
+    status: str
+    user_code: str | None
+    verification_uri: str
+    message: str
+    expires_at: dt.datetime
+    started_at: dt.datetime
+    started_by: str
+    finished_at: dt.datetime | None
+    signed_in_as: str | None
+    error: SignInErrorOut | None
+
+
+def sign_in_start_out(state: SignIn) -> SignInStartOut:
+    return SignInStartOut(mailbox=state.mailbox, status=state.status.value,
+                          user_code=state.user_code, verification_uri=state.verification_uri,
+                          message=state.message, expires_at=state.expires_at)
+
+
+def sign_in_out(state: SignIn) -> SignInOut:
+    pending = state.status is SignInStatus.PENDING
+    return SignInOut(
+        mailbox=state.mailbox, status=state.status.value,
+        user_code=state.user_code if pending else None,
+        verification_uri=state.verification_uri, message=state.message if pending else "",
+        expires_at=state.expires_at, started_at=state.started_at, started_by=state.started_by,
+        finished_at=state.finished_at, signed_in_as=state.signed_in_as,
+        error=SignInErrorOut(code=state.error_code, message=state.error_message,
+                             fix=state.error_fix) if state.error_code else None)
 
 
 class ResultOut(Out):
