@@ -26,7 +26,15 @@ Steps:
 
 Prints a table and ``RESULT`` lines. Targets (issue 6): p99 delivery → tracked < 5 s with
 push; 1,000-mailbox no-change cycle < 10 s on 2 cores; < 1 MiB per idle mailbox.
-10,000 simulated idle mailboxes are not measured (see docs/benchmarks.md).
+
+``BENCH_SCALE_IDLE=10000`` runs only the *idle* step instead, with that many mailboxes
+(BENCH_QUICK=1 caps it at 300): `serve` on SQLite as in step 1 with its default bound of
+1,000 kept IMAP sessions — initial sync, the no-change cycle (kept sessions for 1,000, a
+login for the rest), then IMAP IDLE on every mailbox: memory per idle mailbox, and how
+Dovecot holds them (the test config hibernates idle IDLE sessions, see
+testservers/dovecot/dovecot.conf). Limits that apply: this process's open files (one per
+IDLE connection plus the kept sessions; the hard limit here is 20,000 and cannot be
+raised without CAP_SYS_RESOURCE) and the kernel's pid_max for Dovecot's imap processes.
 """
 
 from __future__ import annotations
@@ -64,7 +72,10 @@ from serversync.store.crypto import encode_key, new_key  # noqa: E402
 from serversync.store.runs import ChannelScheduleRow  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
-N = 100 if QUICK else 1000
+IDLE = int(os.environ.get("BENCH_SCALE_IDLE", "0") or 0)
+if IDLE and QUICK:
+    IDLE = min(IDLE, 300)
+N = IDLE or (100 if QUICK else 1000)
 MESSAGES = 20 if QUICK else 50
 ROOT = Path(os.environ.get("SERVERSYNC_TESTSERVERS_ROOT", "/srv/serversync-test"))
 USERS_FILE = ROOT / "dovecot" / "users"
@@ -264,6 +275,107 @@ async def serve_step() -> dict[str, Any]:
     return result
 
 
+def dovecot_processes() -> dict[str, int]:
+    """Dovecot's imap and imap-hibernate processes now, and their RSS (KiB)."""
+    found = {"imap": 0, "imap_kib": 0, "hibernate": 0, "hibernate_kib": 0}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        name = text.split("\n", 1)[0].split()[-1]
+        kind = {"imap": "imap", "imap-hibernate": "hibernate"}.get(name)
+        if kind is None or "dovecot" not in (status.parent / "cmdline").read_text():
+            continue
+        found[kind] += 1
+        found[f"{kind}_kib"] += next((int(line.split()[1]) for line in text.splitlines()
+                                      if line.startswith("VmRSS:")), 0)
+    return found
+
+
+async def idle_step() -> dict[str, Any]:
+    """N mailboxes, `serve` on SQLite: initial sync, no-change cycle, IDLE on all of them."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-scale-idle-"))
+    settings = Settings(database_url=f"sqlite:///{workdir / 'scale.db'}",
+                        key_file=workdir / "key")
+    services = await wiring.services(settings, keep_sessions=True)  # as `serve` does
+    job: Any = services.jobs[Channel.INCOMING]
+    result: dict[str, Any] = {"nofile": hard}
+    try:
+        start = time.perf_counter()
+        await configure(services)
+        result["configure_s"] = time.perf_counter() - start
+        runlog = RunLog(services.db)
+        scheduler = Scheduler(runlog, ChannelRunner(services), max_concurrency=100)
+        start = time.perf_counter()
+        runs = await scheduler.run_until_idle(limit_s=3600)
+        result["initial_s"] = time.perf_counter() - start
+        result["initial_failed"] = sum(1 for r in runs if r.error)
+        for label in ("cycle", "cycle2"):
+            await make_all_due(services)
+            logins, reuses = job.sessions.logins, job.sessions.reuses
+            start = time.perf_counter()
+            runs = await scheduler.run_until_idle(limit_s=3600)
+            result[f"{label}_s"] = time.perf_counter() - start
+            result[f"{label}_runs"] = len(runs)
+            result[f"{label}_failed"] = sum(1 for r in runs if r.error)
+            result[f"{label}_logins"] = job.sessions.logins - logins
+            result[f"{label}_reuses"] = job.sessions.reuses - reuses
+        before = rss_kib()
+        push = Push(services, wiring.PUSHERS, runlog.request_sync, rescan_s=3600,
+                    connect_concurrency=50)
+        live = Scheduler(runlog, ChannelRunner(services, push=push.covers), max_concurrency=100)
+        tasks = [asyncio.create_task(push.run()), asyncio.create_task(live.run())]
+        start = time.perf_counter()
+        while len(push.ready) < N and time.perf_counter() - start < 900:
+            await asyncio.sleep(0.5)
+        result["push_ready"] = len(push.ready)
+        result["push_connect_s"] = time.perf_counter() - start
+        await asyncio.sleep(15)  # past imap_hibernate_timeout (10 s)
+        result["kib_per_idle"] = (rss_kib() - before) / max(1, len(push.ready))
+        result["rss_kib"] = rss_kib()
+        result["open_files"] = len(os.listdir("/proc/self/fd"))
+        result["dovecot"] = dovecot_processes()
+        await push.stop()
+        await live.stop(5)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await job.aclose()
+        await services.db.close()
+    return result
+
+
+def idle_main() -> None:
+    ensure_users()
+    r = asyncio.run(idle_step())
+    d = r["dovecot"]
+    print(f"\nbench-scale idle: {N} mailboxes on Dovecot (STARTTLS, own credentials), serve "
+          f"on SQLite, 100 runs at once, at most 1,000 kept IMAP sessions")
+    print(f"configure {r['configure_s']:.1f} s; initial sync {r['initial_s']:.1f} s "
+          f"({r['initial_failed']} failed)")
+    for label in ("cycle", "cycle2"):
+        print(f"no-change {label}: {r[f'{label}_s']:.2f} s for {r[f'{label}_runs']} runs "
+              f"({r[f'{label}_s'] / max(1, r[f'{label}_runs']) * 1000:.2f} ms a run; "
+              f"{r[f'{label}_failed']} failed, {r[f'{label}_logins']} logins, "
+              f"{r[f'{label}_reuses']} kept sessions reused)")
+    print(f"IDLE connected {r['push_ready']}/{N} in {r['push_connect_s']:.1f} s; process RSS "
+          f"{r['rss_kib'] / 1024:.0f} MiB, {r['open_files']} open files (limit {r['nofile']})")
+    print(f"Dovecot after 15 s: {d['imap']} imap processes ({d['imap_kib'] / 1024:.0f} MiB RSS), "
+          f"{d['hibernate']} imap-hibernate ({d['hibernate_kib'] / 1024:.0f} MiB RSS)")
+    cycle = min(r["cycle_s"], r["cycle2_s"])
+    print(f"RESULT scale_idle_mailboxes {r['push_ready']}")
+    print(f"RESULT scale_idle_cycle {cycle:.2f} s")
+    print(f"RESULT scale_idle_memory_per_mailbox {r['kib_per_idle']:.0f} KiB")
+    print(f"RESULT scale_idle_dovecot_kib_per_mailbox "
+          f"{(d['imap_kib'] + d['hibernate_kib']) / max(1, r['push_ready']):.0f} KiB")
+
+
 async def workers_step() -> dict[str, Any]:
     name = f"serversync_scale_{os.getpid()}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
@@ -328,6 +440,9 @@ def p(values: list[float], q: float) -> float:
 
 
 def main() -> None:
+    if IDLE:
+        idle_main()
+        return
     ensure_users()
     serve = asyncio.run(serve_step())
     workers = asyncio.run(workers_step())

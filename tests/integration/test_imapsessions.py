@@ -22,9 +22,11 @@ from serversync.connectors.imap import ImapSource
 from serversync.connectors.imapsessions import SessionCache
 from serversync.core.errors import AuthError
 from serversync.core.model import Channel
+from serversync.core.schedule import Outcome
 from serversync.manifest import Manifest, validate
 from serversync.services import Services
 from serversync.services.incoming import IncomingJob
+from serversync.services.runs import ChannelRunner, RunLog
 from serversync.store.db import Database
 from serversync.store.emails import EmailStore
 from tests import testservers as ts
@@ -110,6 +112,47 @@ async def test_second_run_reuses_the_session_and_a_no_change_poll_writes_nothing
     assert (await job(FRANK)).items == 1  # new mail over the kept session
     assert cache(job).logins == 1
     assert await subjects(db) == ["one", "two"]
+
+
+async def test_a_no_change_run_through_the_runner_is_nine_statements_in_two_transactions(
+        kept: tuple[Services, IncomingJob], db: Database) -> None:
+    """The bookkeeping budget of a no-change poll (docs/benchmarks.md, "Scale"): read the
+    mailbox, settings, profile, schedule and (for the job) the folder cursors; open the
+    run; close it. Every run is still recorded, and new mail after it is still found."""
+    services, job = kept
+    services.jobs[Channel.INCOMING] = job
+    runner = ChannelRunner(services)
+    ts.deliver_lmtp(FRANK, msg(FRANK, "first"))
+    first = await runner.run(FRANK, Channel.INCOMING)
+    assert first is not None and first.items == 1
+
+    statements: list[str] = []
+    commits: list[None] = []
+
+    def on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    def on_commit(conn: Any) -> None:
+        commits.append(None)
+    event.listen(db.engine.sync_engine, "before_cursor_execute", on_statement)
+    event.listen(db.engine.sync_engine, "commit", on_commit)
+    try:
+        run = await runner.run(FRANK, Channel.INCOMING)  # no change, on the kept session
+    finally:
+        event.remove(db.engine.sync_engine, "before_cursor_execute", on_statement)
+        event.remove(db.engine.sync_engine, "commit", on_commit)
+    assert run is not None and (run.items, run.outcome) == (0, Outcome.SUCCESS)
+    assert sorted(statements) == sorted(["SELECT"] * 5 + ["INSERT"] + ["UPDATE"] * 3)
+    assert len(commits) == 2
+    recent = await RunLog(db).recent(mailbox=FRANK)
+    assert [(r.id, r.outcome, r.items) for r in recent[:2]] == [
+        (run.id, Outcome.SUCCESS, 0), (first.id, Outcome.SUCCESS, 1)]
+    assert recent[0].finished_at == run.finished_at and recent[0].worker == run.worker
+    ts.deliver_lmtp(FRANK, msg(FRANK, "second"))
+    after = await runner.run(FRANK, Channel.INCOMING)  # the prefetched cursor moved on
+    assert after is not None and after.items == 1
+    assert await subjects(db) == ["first", "second"]
+    assert cache(job).logins == 1
 
 
 async def test_a_session_the_server_closed_is_replaced_and_no_mail_is_lost(

@@ -425,3 +425,31 @@ async def test_malformed_corpus_ends_tracked_or_quarantined(services: Services,
     async with db.transaction() as repo:
         for q in await IncomingStore(repo.session).quarantined():
             assert await IncomingStore(repo.session).raw(q.raw_sha256)  # raw bytes kept
+
+
+async def test_all_cursors_of_a_mailbox_in_one_read_equal_each_folders_own(
+        services: Services, db: Database) -> None:
+    """`IncomingStore.cursors` (the runner's prefetch) merges the cursor rows and the sync
+    tokens exactly as `cursor` reads them one folder at a time."""
+    import datetime as dt
+
+    from serversync.store.exchange import SyncTokens
+    from serversync.store.incoming import Cursor
+    await setup(services, [own(CAROL)])
+    now = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
+    async with db.transaction() as repo:
+        mailbox_id = (await repo.get_mailbox(CAROL)).id
+        assert mailbox_id is not None
+        store = IncomingStore(repo.session)
+        assert await store.cursors(mailbox_id) == {}
+        await store.save_cursor(mailbox_id, "INBOX", Cursor(7, 42, 900), now)
+        await store.save_cursor(mailbox_id, "Sent", Cursor(8, 3, None, "delta-sent"), now)
+        await SyncTokens(repo.session).put(mailbox_id, "incoming", "Archive", "delta-arc", now)
+        await SyncTokens(repo.session).put(mailbox_id, "act", "INBOX", "not-incoming", now)
+    async with db.transaction() as repo:
+        store = IncomingStore(repo.session)
+        found = await store.cursors(mailbox_id)
+        assert found == {"INBOX": Cursor(7, 42, 900, None), "Sent": Cursor(8, 3, None, "delta-sent"),
+                         "Archive": Cursor(None, 0, None, "delta-arc")}
+        for folder in ("INBOX", "Sent", "Archive", "Drafts"):
+            assert found.get(folder) == await store.cursor(mailbox_id, folder)

@@ -51,6 +51,9 @@ class Pop3Client:
         self.capabilities: set[str] = set()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        # One command and its whole answer at a time: the incoming job fetches the next
+        # batch (RETR) while it deletes the committed one (DELE), on this one session.
+        self._lock = asyncio.Lock()
 
     async def _line(self) -> bytes:
         assert self._reader is not None
@@ -60,6 +63,10 @@ class Pop3Client:
 
     async def command(self, line: str | bytes, *, secret: bool = False) -> bytes:
         """Send one command; return the text after ``+OK`` or raise `Pop3Error`."""
+        async with self._lock:
+            return await self._command(line, secret=secret)
+
+    async def _command(self, line: str | bytes, *, secret: bool = False) -> bytes:
         assert self._writer is not None
         data = line.encode() if isinstance(line, str) else line
         with translated(self.endpoint, "POP3"):
@@ -73,13 +80,14 @@ class Pop3Client:
 
     async def multiline(self, line: str) -> list[bytes]:
         """A command whose answer is a dot-terminated list (CAPA, UIDL, LIST, RETR)."""
-        await self.command(line)
-        lines: list[bytes] = []
-        while True:
-            item = await self._line()
-            if item == b".":
-                return lines
-            lines.append(item[1:] if item.startswith(b"..") else item)
+        async with self._lock:
+            await self._command(line)
+            lines: list[bytes] = []
+            while True:
+                item = await self._line()
+                if item == b".":
+                    return lines
+                lines.append(item[1:] if item.startswith(b"..") else item)
 
     async def connect(self) -> None:
         self._reader, self._writer = await open_stream(self.endpoint, self.options, "POP3")

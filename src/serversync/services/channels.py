@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from serversync.core.model import Mailbox, OrgSettings, Profile
 
@@ -25,6 +25,11 @@ class RunSummary:
 
 
 class ChannelJob(Protocol):
+    """A job may also have ``async def prefetch(repo, mailbox) -> Any``: the runner then
+    calls it in the transaction that opens the run and hands the result over in
+    `RunContext.prefetched` (the incoming job's folder cursors: one transaction less on a
+    no-change poll). It must only read, and be what the job would read first."""
+
     async def __call__(self, address: str) -> RunSummary: ...
 
 
@@ -35,6 +40,7 @@ class RunContext:
     mailbox: Mailbox
     profile: Profile
     settings: OrgSettings
+    prefetched: Any = None  # what the job's ``prefetch`` returned
 
 
 # Set by `services.runs.ChannelRunner` around one job call, so that a job may skip reading the

@@ -187,15 +187,25 @@ class IncomingJob:
         if self.sessions is not None:
             await self.sessions.close()
 
+    async def prefetch(self, repo: Repository, mailbox: Mailbox) -> dict[str, Cursor]:
+        """The folder cursors, read by the runner in the transaction that opens the run
+        (`services.channels.ChannelJob`): a no-change poll then needs no transaction of
+        its own before it asks the server."""
+        assert mailbox.id is not None
+        return await IncomingStore(repo.session).cursors(mailbox.id)
+
     async def __call__(self, address: str) -> RunSummary:
         known = current_run.get()  # what the runner just read, if it runs us
+        cursors: dict[str, Cursor] | None = None
         if known is not None and known.mailbox.address == address.strip().lower():
             mailbox, profile, settings = known.mailbox, known.profile, known.settings
-        else:
+            cursors = known.prefetched
+        else:  # called without the runner (tests, bench-incoming): one transaction too
             async with self.db.transaction() as repo:
                 mailbox = await repo.get_mailbox(address)
                 profile = await repo.get_profile(mailbox.profile)
                 settings = await repo.get_settings()
+                cursors = await self.prefetch(repo, mailbox)
         factory = self.sources.get(profile.kind)
         if factory is None:
             raise RuleViolation(f"incoming sync of {profile.kind.value} mailboxes is not "
@@ -210,16 +220,17 @@ class IncomingJob:
         source = factory(profile, mailbox, login, options)
         if self.sessions is not None and isinstance(source, Reusable):
             return await self._run_kept(factory, source, mailbox, profile, settings, login,
-                                        options)
+                                        options, cursors)
         try:
             await source.open()
-            return await self._run(source, mailbox, profile, settings)
+            return await self._run(source, mailbox, profile, settings, cursors)
         finally:
             await source.close()
 
     async def _run_kept(self, factory: SourceFactory, source: MailSource, mailbox: Mailbox,
                         profile: Profile, settings: OrgSettings, login: Login,
-                        options: ConnectOptions) -> RunSummary:
+                        options: ConnectOptions,
+                        cursors: dict[str, Cursor] | None = None) -> RunSummary:
         """Run on the mailbox's kept session; if that session fails, once more on a new one.
 
         A kept session may have died since its last run (server restart, idle logout, a
@@ -242,7 +253,8 @@ class IncomingJob:
             lease = await sessions.acquire(mailbox.address, key, group, cap, _given(fresh))
             healthy = False
             try:
-                result = await self._run(lease.source, mailbox, profile, settings)
+                result = await self._run(lease.source, mailbox, profile, settings,
+                                         cursors if attempt == 1 else None)
                 healthy = True
                 return result
             except Exception as exc:
@@ -257,7 +269,10 @@ class IncomingJob:
     # ------------------------------------------------------------ one run
 
     async def _run(self, source: MailSource, mailbox: Mailbox, profile: Profile,
-                   settings: OrgSettings) -> RunSummary:
+                   settings: OrgSettings,
+                   cursors: dict[str, Cursor] | None = None) -> RunSummary:
+        """``cursors``: every folder's cursor as read when the run opened (`prefetch`);
+        None: each folder reads its own."""
         assert mailbox.id is not None
         folders = [(f, False) for f in mailbox.folders]
         if mailbox.track_sent and profile.kind is ServerKind.IMAP:
@@ -280,7 +295,7 @@ class IncomingJob:
                 continue
             with relaxed_gc():  # millions of short-lived objects per initial sync
                 await self._folder(source, mailbox, mailbox.id, profile, settings, folder,
-                                   is_sent, totals)
+                                   is_sent, totals, cursors)
         if missing and len(missing) == len(folders):
             raise missing[0]
         if not missing and await self._may_have_folder_alert(mailbox):
@@ -321,9 +336,13 @@ class IncomingJob:
 
     async def _folder(self, source: MailSource, mailbox: Mailbox, mailbox_id: int,
                       profile: Profile, settings: OrgSettings, folder: str, is_sent: bool,
-                      totals: dict[str, int]) -> None:
-        async with self.db.transaction() as repo:
-            stored = await IncomingStore(repo.session).cursor(mailbox_id, folder)
+                      totals: dict[str, int], cursors: dict[str, Cursor] | None = None
+                      ) -> None:
+        if cursors is not None:
+            stored = cursors.get(folder)
+        else:
+            async with self.db.transaction() as repo:
+                stored = await IncomingStore(repo.session).cursor(mailbox_id, folder)
         cursor = FolderCursor(*stored) if stored is not None else None
 
         async def known(remote_ids: Sequence[str]) -> set[str]:

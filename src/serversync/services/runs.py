@@ -10,12 +10,16 @@ the profile-level alert when more than half of a profile's mailboxes fail within
 
 Every write is one short transaction; the channel job itself runs between two of them, in
 its own transactions, so a run that is interrupted leaves an open run row that the next run
-of the channel closes as "interrupted".
+of the channel closes as "interrupted". A no-change run is two transactions and nine
+statements: read the mailbox, settings, profile and schedule, open the run (and let the
+job read what it needs first, `ChannelJob.prefetch`), then close it (docs/benchmarks.md,
+"Scale").
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -42,6 +46,7 @@ from serversync.core.schedule import (
     Outcome,
     Polling,
     Run,
+    ScheduleState,
     after_run,
     classify,
     percentile,
@@ -227,9 +232,10 @@ class ChannelRunner:
         the channel was running (workers) must not poll again right after that run.
         """
         started = self.clock()
+        prefetch = getattr(self.services.jobs.get(channel), "prefetch", None)
         async with self.db.transaction() as repo:
             mailbox = await repo.find_mailbox(address)
-            if mailbox is None:
+            if mailbox is None or mailbox.id is None:
                 return None
             state_of = mailbox.channel(channel)
             settings = await repo.get_settings()
@@ -239,22 +245,24 @@ class ChannelRunner:
                 return None
             profile = await repo.get_profile(mailbox.profile)
             store = RunStore(repo.session)
-            if mailbox.id is not None:
-                store.know(mailbox.address, mailbox.id)
-            if only_if_due:
-                state = await store.state(mailbox.address, channel)
-                if state.next_run_at is not None and state.next_run_at > started:
-                    return None
-            run_id = await store.start_run(mailbox.address, channel, started, self.worker)
+            schedule = await store.schedule(mailbox.id, channel)
+            if only_if_due and schedule.state.next_run_at is not None \
+                    and schedule.state.next_run_at > started:
+                return None
+            run_id = await store.open_run(mailbox.id, channel, schedule, started, self.worker)
+            # what the job would read first, read here: one transaction less per run
+            prefetched = await prefetch(repo, mailbox) if prefetch is not None else None
+        opened = Run(run_id, mailbox.address, channel, started, None, 0, 0, None, None, None,
+                     worker=self.worker[:100])
         summary: RunSummary | None = None
         failure: Failure | None = None
-        token = current_run.set(RunContext(mailbox, profile, settings))
+        token = current_run.set(RunContext(mailbox, profile, settings, prefetched))
         try:
             summary = await self.services.run_channel(mailbox.address, channel)
         except asyncio.CancelledError:
             # Shutdown or a lost lease: the job's open transaction rolled back; say so.
             await asyncio.shield(self._finish(
-                run_id, mailbox, channel, profile, None,
+                opened, mailbox, profile, schedule.state, None,
                 Failure(Outcome.TRANSIENT, "interrupted",
                         "the run was stopped before it finished (shutdown); its uncommitted "
                         "batch rolled back and is synced again")))
@@ -265,37 +273,43 @@ class ChannelRunner:
                         failure.message)
         finally:
             current_run.reset(token)
-        return await self._finish(run_id, mailbox, channel, profile, summary, failure)
+        return await self._finish(opened, mailbox, profile, schedule.state, summary, failure)
 
-    async def _finish(self, run_id: int, mailbox: Mailbox, channel: Channel, profile: Profile,
-                      summary: RunSummary | None, failure: Failure | None) -> Run:
-        """Record the outcome. ``mailbox`` as read when the run started: its channel status
-        is this channel's own (only runs change it), so it is not read again."""
-        address = mailbox.address
+    async def _finish(self, opened: Run, mailbox: Mailbox, profile: Profile,
+                      state: ScheduleState, summary: RunSummary | None,
+                      failure: Failure | None) -> Run:
+        """Record the outcome.
+
+        ``mailbox`` and the schedule ``state`` as read when the run opened, not read again:
+        the channel's status and its schedule's counters (failures, idle runs, backoff) are
+        changed only by runs, and one channel never runs twice at once (the scheduler in
+        `serve`, procrastinate's channel lock with workers). A "sync now" meanwhile changes
+        only ``next_run_at`` and ``why``, which the next state replaces anyway. On a
+        no-change run this is one transaction of two UPDATE statements.
+        """
+        address, channel = mailbox.address, opened.channel
+        assert mailbox.id is not None
         now = self.clock()
         polling = Polling(min_s=float(profile.min_polling_interval_s),
                           idle_max_s=max(self.idle_max_s, float(profile.min_polling_interval_s)))
         push = bool(self.push and self.push(address, channel))
         items = summary.items if summary else 0
+        decision = after_run(state, now, items=items, more=bool(summary and summary.more),
+                             failure=failure, polling=polling, backoff=self.backoff,
+                             rng=self.rng, push=push)
+        new_state = decision.state
+        run = dataclasses.replace(
+            opened, finished_at=now, items=items, failures=summary.failures if summary else 0,
+            outcome=failure.outcome if failure else Outcome.SUCCESS,
+            error_code=failure.code if failure else None,
+            error=failure.message if failure else None,
+            detail=(summary.detail if summary else (failure.fix if failure else ""))[:2000])
         async with self.db.transaction() as repo:
             store = RunStore(repo.session)
-            if mailbox.id is not None:
-                store.know(address, mailbox.id)
             try:
-                state = await store.state(address, channel)
+                await store.close_run(run, mailbox.id, new_state)
             except NotFound:  # deleted while it ran: nothing left to record against
                 raise NotFound(f"mailbox {address} was deleted during its sync run") from None
-            decision = after_run(state, now, items=items, more=bool(summary and summary.more),
-                                 failure=failure, polling=polling, backoff=self.backoff,
-                                 rng=self.rng, push=push)
-            new_state = decision.state
-            run = await store.finish_run(
-                run_id, now, items=items, failures=summary.failures if summary else 0,
-                outcome=failure.outcome if failure else Outcome.SUCCESS,
-                error_code=failure.code if failure else None,
-                error=failure.message if failure else None,
-                detail=summary.detail if summary else (failure.fix if failure else ""),
-                address=address)
             if failure is not None:
                 await emit(repo, Event.RUN_FAILED, {
                     "run": run.id, "mailbox": address, "profile": profile.name,
@@ -326,7 +340,6 @@ class ChannelRunner:
                     f"times in a row: {failure.message}; retrying automatically with backoff",
                     failure.fix or "check that the server is reachable and healthy",
                     mailbox=address, profile=profile.name, channel=channel, created_at=now))
-            await store.save_state(address, channel, new_state)
             profile_alert = (await self._profile_alert(repo, store, profile, now)
                              if failure is not None else None)
         if profile_alert is not None and self.alert_mailer is not None \

@@ -2,7 +2,8 @@
 
 The embedded default is a SQLite file in the current directory; PostgreSQL is the
 production and scale-out database. Users give ordinary URLs (``sqlite:///serversync.db``,
-``postgresql://user@host/db``); this module picks the async drivers (aiosqlite, psycopg 3)
+``postgresql://user@host/db``); this module picks the async drivers (aiosqlite through
+`store.sqlitehop`, psycopg 3)
 and runs the Alembic migrations on start, so every command sees the current schema.
 """
 
@@ -20,6 +21,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from serversync.core.errors import ConfigError
+from serversync.store import sqlitehop
 from serversync.store.crypto import Keyring
 from serversync.store.repos import Repository
 
@@ -35,7 +37,7 @@ def async_url(url: str) -> str:
                           fix="use sqlite:///path.db or postgresql://user@host/db") from exc
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        parsed = parsed.set(drivername="sqlite+aiosqlite")
+        parsed = parsed.set(drivername=f"sqlite+{sqlitehop.DRIVER}")  # aiosqlite, 1 hop
     elif backend == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     else:

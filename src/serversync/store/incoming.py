@@ -37,11 +37,15 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     delete,
     func,
     insert,
+    literal,
+    null,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -54,7 +58,7 @@ from serversync.core.times import utc as _utc
 from serversync.core.tracking import KnownActivity, LoopWindow
 from serversync.store import blobfiles
 from serversync.store.emails import AttachmentRow, BlobRow, EmailRecipientRow, EmailRow
-from serversync.store.exchange import SyncTokens
+from serversync.store.exchange import SyncTokenRow, SyncTokens
 from serversync.store.tables import AlertRow, Base, MailboxRow
 
 TRACKED, LINKED, SKIPPED, QUARANTINED = "tracked", "linked", "skipped", "quarantined"
@@ -185,6 +189,15 @@ def _table(row: type[Base]) -> Table:
     return cast(Table, row.__table__)
 
 
+# A mailbox's folder cursors and incoming sync tokens in one statement (`cursors`).
+_C, _T = _table(IncomingCursorRow).c, _table(SyncTokenRow).c
+_CURSORS = union_all(
+    select(_C.folder, _C.uidvalidity, _C.last_uid, _C.highest_modseq,
+           null().label("token")).where(_C.mailbox_id == bindparam("mailbox_id")),
+    select(_T.folder, null(), literal(0), null(), _T.token).where(
+        _T.mailbox_id == bindparam("mailbox_id"), _T.channel == "incoming"))
+
+
 class IncomingStore:
     """Reads and writes incoming sync state inside the caller's transaction."""
 
@@ -202,6 +215,20 @@ class IncomingStore:
         if row is None:
             return None if token is None else Cursor(None, 0, None, token)
         return Cursor(row.uidvalidity, row.last_uid, row.highest_modseq, token)
+
+    async def cursors(self, mailbox_id: int) -> dict[str, Cursor]:
+        """Every folder's cursor of a mailbox, in one statement (`cursor` for each folder)."""
+        found: dict[str, Cursor] = {}
+        for folder, uidvalidity, last_uid, modseq, token in await self.session.execute(
+                _CURSORS, {"mailbox_id": mailbox_id}):
+            had = found.get(folder)
+            if token is not None:  # a sync_tokens row (beside the cursor row, if any)
+                found[folder] = Cursor(had.uidvalidity, had.last_uid, had.highest_modseq,
+                                       token) if had else Cursor(None, 0, None, token)
+            else:
+                found[folder] = Cursor(uidvalidity, last_uid, modseq,
+                                       had.token if had else None)
+        return found
 
     async def save_cursor(self, mailbox_id: int, folder: str, cursor: Cursor,
                           now: dt.datetime) -> None:

@@ -16,18 +16,21 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     delete,
     func,
+    insert,
     or_,
     select,
     update,
@@ -91,6 +94,16 @@ class DueChannel:
     requested: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class OpenSchedule:
+    """A channel's schedule row as read when a run opens (`RunStore.schedule`)."""
+
+    id: int | None  # None: the channel never ran (no row yet)
+    state: ScheduleState
+    running_since: dt.datetime | None
+    requested_at: dt.datetime | None
+
+
 _STATE_FIELDS = ("next_run_at", "last_run_at", "last_success_at", "consecutive_failures",
                  "idle_runs", "backoff_until", "last_error_code", "last_error", "why")
 
@@ -111,6 +124,40 @@ def _run(row: SyncRunRow, address: str) -> Run:
                finished_at=utc(row.finished_at), items=row.items, failures=row.failures,
                outcome=None if row.outcome is None else Outcome(row.outcome),
                error_code=row.error_code, error=row.error, detail=row.detail, worker=row.worker)
+
+
+_RUNS = cast(Table, SyncRunRow.__table__)
+_SCHEDULES = cast(Table, ChannelScheduleRow.__table__)
+_S = _SCHEDULES.c
+_INTERRUPTED = ("the run was interrupted (the process stopped or was killed); its uncommitted "
+                "batch was rolled back and is synced again")
+# The statements of a run's bookkeeping, built once: Core, not the ORM, and no statement
+# construction per run (a no-change poll of 1,000 mailboxes runs them 1,000 times a cycle).
+_READ_SCHEDULE = select(_S.id, _S.running_since, _S.requested_at,
+                        *(_S[name] for name in _STATE_FIELDS)).where(
+    _S.mailbox_id == bindparam("b_mailbox_id"), _S.channel == bindparam("b_channel"))
+_NEW_SCHEDULE = insert(_SCHEDULES).values(
+    mailbox_id=bindparam("b_mailbox_id"), channel=bindparam("b_channel"), consecutive_failures=0,
+    idle_runs=0, why="", running_since=bindparam("b_now"))
+_MARK_RUNNING = update(_SCHEDULES).where(_S.id == bindparam("b_schedule_id")).values(
+    running_since=bindparam("b_now"))
+_MARK_RUNNING_SERVED = update(_SCHEDULES).where(_S.id == bindparam("b_schedule_id")).values(
+    running_since=bindparam("b_now"), requested_at=None)
+_CLOSE_OPEN_RUNS = update(_RUNS).where(
+    _RUNS.c.mailbox_id == bindparam("b_mailbox_id"), _RUNS.c.channel == bindparam("b_channel"),
+    _RUNS.c.outcome.is_(None)).values(
+    outcome=Outcome.TRANSIENT.value, finished_at=bindparam("b_now"), error_code="interrupted",
+    error=_INTERRUPTED)
+_NEW_RUN = insert(_RUNS).values(
+    mailbox_id=bindparam("b_mailbox_id"), channel=bindparam("b_channel"),
+    started_at=bindparam("b_now"), items=0, failures=0, detail="", worker=bindparam("b_worker"))
+_FINISH_RUN = update(_RUNS).where(_RUNS.c.id == bindparam("b_run_id")).values(
+    finished_at=bindparam("b_now"), items=bindparam("b_items"), failures=bindparam("b_failures"),
+    outcome=bindparam("b_outcome"), error_code=bindparam("b_error_code"),
+    error=bindparam("b_error"), detail=bindparam("b_detail"))
+_SAVE_STATE_DONE = update(_SCHEDULES).where(
+    _S.mailbox_id == bindparam("b_mailbox_id"), _S.channel == bindparam("b_channel")).values(
+    running_since=None, **{name: bindparam(f"b_s_{name}") for name in _STATE_FIELDS})
 
 
 class RunStore:
@@ -180,30 +227,64 @@ class RunStore:
 
     # ------------------------------------------------------------ runs
 
+    async def schedule(self, mailbox_id: int, channel: Channel) -> OpenSchedule:
+        """The channel's schedule row, for `open_run` (one Core ``SELECT``)."""
+        row = (await self.session.execute(
+            _READ_SCHEDULE, {"b_mailbox_id": mailbox_id, "b_channel": channel.value})).first()
+        if row is None:
+            return OpenSchedule(None, ScheduleState(), None, None)
+        return OpenSchedule(row[0], ScheduleState(
+            next_run_at=utc(row[3]), last_run_at=utc(row[4]), last_success_at=utc(row[5]),
+            consecutive_failures=row[6], idle_runs=row[7], backoff_until=utc(row[8]),
+            last_error_code=row[9], last_error=row[10], why=row[11]), row[1], utc(row[2]))
+
+    async def open_run(self, mailbox_id: int, channel: Channel, schedule: OpenSchedule,
+                       now: dt.datetime, worker: str = "") -> int:
+        """Open a run (committed by the caller before the job starts, so that a run that
+        dies leaves this row; the next `open_run` closes it as interrupted).
+
+        ``schedule`` as read by `schedule` in this transaction. Two or three statements:
+        the new run row, the schedule's ``running_since`` (and a "sync now" made before
+        ``now`` is served by this run), and — only when a run was left open — closing it.
+        """
+        key = {"b_mailbox_id": mailbox_id, "b_channel": channel.value, "b_now": now}
+        if schedule.id is None:  # first run: make the row, close any open run (old schema)
+            await self.session.execute(_NEW_SCHEDULE, key)
+            await self.session.execute(_CLOSE_OPEN_RUNS, key)
+        else:
+            if schedule.running_since is not None:  # a run was left open: interrupted
+                await self.session.execute(_CLOSE_OPEN_RUNS, key)
+            served = schedule.requested_at is not None and schedule.requested_at <= now
+            await self.session.execute(_MARK_RUNNING_SERVED if served else _MARK_RUNNING,
+                                       {"b_schedule_id": schedule.id, "b_now": now})
+        result: Any = await self.session.execute(_NEW_RUN, {**key, "b_worker": worker[:100]})
+        return int(result.inserted_primary_key[0])
+
+    async def close_run(self, run: Run, mailbox_id: int, state: ScheduleState) -> None:
+        """Record a finished run and its channel's next state (two Core UPDATE statements).
+
+        ``run`` carries the outcome; the schedule's ``running_since`` is cleared with the
+        state. NotFound when the run row is gone (its mailbox was deleted meanwhile).
+        """
+        result: Any = await self.session.execute(_FINISH_RUN, {
+            "b_run_id": run.id, "b_now": run.finished_at, "b_items": run.items,
+            "b_failures": run.failures, "b_outcome": run.outcome.value if run.outcome else None,
+            "b_error_code": run.error_code, "b_error": run.error, "b_detail": run.detail[:2000]})
+        if not result.rowcount:
+            raise NotFound(f"no sync run {run.id}")
+        await self.session.execute(_SAVE_STATE_DONE, {
+            "b_mailbox_id": mailbox_id, "b_channel": run.channel.value,
+            **{f"b_s_{name}": getattr(state, name) for name in _STATE_FIELDS}})
+
     async def start_run(self, address: str, channel: Channel, now: dt.datetime,
                         worker: str = "") -> int:
         """Open a run. Runs of this channel still open were interrupted (a killed worker)."""
         mailbox_id = await self._mailbox_id(address)
-        schedule = await self._row_or_new(mailbox_id, channel)
-        # an open run leaves ``running_since`` set; without one there is nothing to close
-        if schedule.running_since is not None or schedule.id is None:
-            await self.session.execute(
-                update(SyncRunRow)
-                .where(SyncRunRow.mailbox_id == mailbox_id, SyncRunRow.channel == channel.value,
-                       SyncRunRow.outcome.is_(None))
-                .values(outcome=Outcome.TRANSIENT.value, finished_at=now,
-                        error_code="interrupted",
-                        error="the run was interrupted (the process stopped or was killed); "
-                              "its uncommitted batch was rolled back and is synced again"))
-        row = SyncRunRow(mailbox_id=mailbox_id, channel=channel.value, started_at=now,
-                         items=0, failures=0, detail="", worker=worker[:100])
-        self.session.add(row)
-        schedule.running_since = now
-        # A request made before this run started is served by it.
-        if schedule.requested_at is not None and utc(schedule.requested_at) <= now:  # type: ignore[operator]
-            schedule.requested_at = None
-        await self.session.flush()
-        return row.id
+        row = self._rows.pop((mailbox_id, channel.value), None)
+        if row is not None:  # read through the ORM in this transaction: not stale after
+            self.session.expire(row)  # the Core statements below
+        return await self.open_run(mailbox_id, channel, await self.schedule(mailbox_id, channel),
+                                   now, worker)
 
     async def finish_run(self, run_id: int, now: dt.datetime, *, items: int, failures: int,
                          outcome: Outcome, error_code: str | None = None,
