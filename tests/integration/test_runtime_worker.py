@@ -147,3 +147,21 @@ async def test_two_workers_never_run_the_same_channel_at_once(
             assert start >= end, f"{box}: a run started before the previous one ended"
     pids = {pid for (pid,) in query(url, "SELECT DISTINCT pid FROM fake_spans")}
     assert pids == {first.pid, second.pid}  # both worked, on the same channels
+
+
+async def test_dispatch_queues_each_due_channel_once_in_batches(
+        pg: tuple[str, Database], monkeypatch: pytest.MonkeyPatch) -> None:
+    url, db = pg
+    boxes = await seed(db, 7, min_poll=0, secret=None)
+    await install_schema(url)
+    monkeypatch.setattr("serversync.runtime.worker.DISPATCH_BATCH", 3)  # 3 + 3 + 1
+    dispatcher = Worker(Services(db, wiring.PROBERS), url)
+    async with dispatcher.app.open_async():
+        # one already waits (a push queued it): left out of the batch, not queued twice
+        assert await dispatcher.defer(boxes[0], Channel.INCOMING)
+        assert await dispatcher.dispatch() == 6
+        assert await dispatcher.dispatch() == 0  # all still waiting: nothing new
+    rows = query(url, "SELECT queueing_lock, lock, args->>'address', status "
+                      "FROM procrastinate_jobs ORDER BY id")
+    assert sorted(r[0] for r in rows) == sorted(channel_lock(b, Channel.INCOMING) for b in boxes)
+    assert all(r[0] == r[1] and r[0] == f"{r[2]}/incoming" and r[3] == "todo" for r in rows)

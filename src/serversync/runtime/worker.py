@@ -84,6 +84,9 @@ def conninfo(database_url: str) -> str:
     return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+DISPATCH_BATCH = 500  # channels deferred per INSERT by ``dispatch``
+
+
 def channel_lock(address: str, channel: Channel) -> str:
     return f"{address}/{channel.value}"
 
@@ -226,9 +229,31 @@ class Worker:
                 # A run of the same channel is already queued (queueing lock) and covers
                 # this one: close the dead job so that its lock no longer blocks it.
                 await self.app.job_manager.finish_job(job, Status.FAILED, delete_job=False)
+        due = await self.runlog.due(limit=5000)
+        if not due:
+            return 0
+        # One INSERT per 500 channels instead of one per channel (a 1,000-mailbox cycle
+        # waited on a thousand round trips, every 2 s). Channels whose job still waits are
+        # left out first: their queueing lock would refuse the whole batch.
+        rows = await self.app.connector.execute_query_all_async(
+            "SELECT queueing_lock FROM procrastinate_jobs WHERE status = 'todo' "
+            "AND queue_name = %(queue)s AND queueing_lock IS NOT NULL", queue=QUEUE)
+        waiting = {row["queueing_lock"] for row in rows}
+        fresh = [d for d in due if channel_lock(d.mailbox, d.channel) not in waiting]
         queued = 0
-        for due in await self.runlog.due(limit=5000):
-            queued += await self.defer(due.mailbox, due.channel)
+        for start in range(0, len(fresh), DISPATCH_BATCH):
+            chunk = fresh[start:start + DISPATCH_BATCH]
+            jobs = []
+            for d in chunk:
+                lock = channel_lock(d.mailbox, d.channel)
+                jobs.append(self.sync_task.configure(lock=lock, queueing_lock=lock)
+                            .make_new_job(address=d.mailbox, channel=d.channel.value))
+            try:
+                await self.app.job_manager.batch_defer_jobs_async(jobs)
+                queued += len(jobs)
+            except AlreadyEnqueued:  # one was queued meanwhile (a push): one at a time
+                for d in chunk:
+                    queued += await self.defer(d.mailbox, d.channel)
         return queued
 
     async def _pushed(self, address: str, channel: Channel) -> None:
