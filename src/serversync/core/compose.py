@@ -167,7 +167,7 @@ def _cte(text: str, eightbit: bool) -> str:
     falls back to it for lines over 78 characters; RFC 5322 allows 998.
     """
     data = text.encode("utf-8")
-    if max((len(line) for line in data.splitlines()), default=0) <= _MAX_LINE:
+    if len(data) <= _MAX_LINE or max(map(len, data.splitlines())) <= _MAX_LINE:
         if data.isascii():
             return "7bit"
         if eightbit:
@@ -177,7 +177,8 @@ def _cte(text: str, eightbit: bool) -> str:
 
 def _text_part(text: str, subtype: str, eightbit: bool) -> bytes:
     """A text/* part in UTF-8 with CRLF line ends (RFC 2046 §4.1.1 canonical form)."""
-    text = _NEWLINES.sub("\r\n", text)
+    # CRLF: a plain replace when there is no CR (the usual case) costs a tenth of the regex
+    text = _NEWLINES.sub("\r\n", text) if "\r" in text else text.replace("\n", "\r\n")
     if not text.endswith("\r\n"):
         text += "\r\n"
     cte = _cte(text, eightbit)

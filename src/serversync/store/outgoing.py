@@ -22,16 +22,19 @@ crashed follow-up's recovery knows exactly whose outcome is unknown.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    Engine,
     ForeignKey,
     Index,
     Integer,
@@ -39,6 +42,8 @@ from sqlalchemy import (
     Table,
     Text,
     bindparam,
+    create_engine,
+    event,
     func,
     insert,
     literal,
@@ -46,8 +51,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.pool import NullPool
 
 from serversync.core.email import EmailStatus
 from serversync.core.errors import NotFound
@@ -63,7 +70,7 @@ from serversync.core.outgoing import (
     due_recipients,
 )
 from serversync.core.times import utc as _utc
-from serversync.store.db import Database
+from serversync.store.db import Database, _sqlite_pragmas
 from serversync.store.emails import BlobRow, EmailRow
 from serversync.store.tables import AlertRow, Base, MailboxRow
 
@@ -245,15 +252,21 @@ class OutgoingStore:
             .values(status=EmailStatus.SENDING.value).returning(EmailRow.id)))
         if not taken:
             return []
-        await self.session.execute(
-            update(OutgoingRow).where(OutgoingRow.email_id.in_(taken))
-            .values(attempts=OutgoingRow.attempts + 1, phase=Phase.CLAIMED.value,
+        # one Core statement returns what the run needs (loading ORM rows again cost as
+        # much as the claim itself, on the event loop, while the sessions were sending)
+        o = _OUTGOING.c
+        rows = await self.session.execute(
+            update(_OUTGOING).where(o.email_id.in_(taken))
+            .values(attempts=o.attempts + 1, phase=Phase.CLAIMED.value,
                     lease_until=now + lease, lease_owner=owner,
-                    date_header=func.coalesce(OutgoingRow.date_header, now), updated_at=now))
-        rows = await self.session.scalars(select(OutgoingRow)
-                                          .where(OutgoingRow.email_id.in_(taken)))
-        by_id = {r.email_id: r for r in rows}
-        return [self._claimed(by_id[i]) for i in ids if i in by_id]
+                    date_header=func.coalesce(o.date_header, now), updated_at=now)
+            .returning(o.email_id, o.message_id, o.attempts, o.priority, o.save_to_sent,
+                       o.date_header, o.created_at))
+        by_id = {r.email_id: Claimed(r.email_id, r.message_id, r.attempts,
+                                     Priority(r.priority), r.save_to_sent,
+                                     _utc(r.date_header) or _utc(r.created_at) or now,
+                                     Phase.CLAIMED) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
 
     @staticmethod
     def _claimed(row: OutgoingRow) -> Claimed:
@@ -470,7 +483,7 @@ RECIPIENTS_FAILED_FIX = ("the email reached its other recipients; check the addr
                          "recipient (or their administrator) and send them a new email")
 
 
-async def _keep_raw(connection: AsyncConnection, raws: Sequence[bytes]) -> None:
+def _keep_raw(connection: Connection, raws: Sequence[bytes]) -> None:
     """The transmitted bytes of emails with deferred recipients, as blobs (once each)."""
     dialect = connection.dialect.name
     for raw in raws:
@@ -479,10 +492,10 @@ async def _keep_raw(connection: AsyncConnection, raws: Sequence[bytes]) -> None:
             statement: Any = postgresql.insert(_BLOBS).values(**values).on_conflict_do_nothing()
         else:
             statement = sqlite.insert(_BLOBS).values(**values).on_conflict_do_nothing()
-        await connection.execute(statement)
+        connection.execute(statement)
 
 
-async def _raise_alerts(connection: AsyncConnection, outcomes: Sequence[Finish]) -> None:
+def _raise_alerts(connection: Connection, outcomes: Sequence[Finish]) -> None:
     """An alert per email with recipients given up, on its sender mailbox (one commit)."""
     for f in outcomes:
         if f.alert is None:
@@ -494,7 +507,7 @@ async def _raise_alerts(connection: AsyncConnection, outcomes: Sequence[Finish])
                   .select_from(_OUTGOING.outerjoin(
                       _MAILBOXES, _MAILBOXES.c.address == _OUTGOING.c.mailbox))
                   .where(_OUTGOING.c.email_id == f.email_id))
-        await connection.execute(insert(_ALERTS).from_select(
+        connection.execute(insert(_ALERTS).from_select(
             ["severity", "code", "message", "fix", "mailbox_id", "profile_id", "channel",
              "created_at"], source))
 
@@ -502,29 +515,34 @@ async def _raise_alerts(connection: AsyncConnection, outcomes: Sequence[Finish])
 async def write_journal(connection: AsyncConnection, marks: Sequence[int],
                         outcomes: Sequence[Finish], now: dt.datetime | None) -> None:
     """"Submitting" marks and attempt outcomes, inside the caller's transaction."""
+    await connection.run_sync(_write_journal, marks, outcomes, now)
+
+
+def _write_journal(connection: Connection, marks: Sequence[int], outcomes: Sequence[Finish],
+                   now: dt.datetime | None) -> None:
     if marks:
-        await connection.execute(_MARK, [{"b_id": i, "b_now": now} for i in marks])
+        connection.execute(_MARK, [{"b_id": i, "b_now": now} for i in marks])
     if not outcomes:
         return
     raws = [f.raw for f in outcomes if f.raw is not None]
     if raws:
-        await _keep_raw(connection, raws)
+        _keep_raw(connection, raws)
     followups = [f for f in outcomes if f.followup]
     if followups:
-        await connection.execute(_FOLLOWUP_OUTCOME, [
+        connection.execute(_FOLLOWUP_OUTCOME, [
             {"b_id": f.email_id, "b_deferred": f.deferred_due_at, "b_error": f.error,
              "b_code": f.error_code, "b_results": _results_json(f.recipients),
              "b_now": f.now} for f in followups])
         outcomes = [f for f in outcomes if not f.followup]
     if any(f.alert for f in (*followups, *outcomes)):
-        await _raise_alerts(connection, [*followups, *outcomes])
+        _raise_alerts(connection, [*followups, *outcomes])
     if not outcomes:
         return
-    await connection.execute(_EMAIL_OUTCOME, [
+    connection.execute(_EMAIL_OUTCOME, [
         {"b_id": f.email_id, "b_status": f.status.value,
          "b_sent_at": (f.accepted_at or f.now) if f.status is EmailStatus.SENT else None,
          "b_hash": f.content_hash} for f in outcomes])
-    await connection.execute(_OUTGOING_OUTCOME, [
+    connection.execute(_OUTGOING_OUTCOME, [
         {"b_id": f.email_id, "b_attempts": f.attempts,
          "b_phase": (Phase.QUEUED if f.status is EmailStatus.PENDING_SEND else Phase.DONE).value,
          "b_next": f.next_attempt_at,
@@ -538,29 +556,102 @@ async def write_journal(connection: AsyncConnection, marks: Sequence[int],
         for f in outcomes])
 
 
-class Journal:
-    """A connection kept for one run's journal writes: each flush is BEGIN, UPDATEs, COMMIT.
+def _sync_engine(db: Database) -> Engine | None:
+    """A synchronous engine on the same database, for the journal's own thread.
 
-    Checking a pooled connection out and resetting it on return cost two more round trips
-    to the driver's thread per transaction; the journal runs one transaction per message.
+    None for an in-memory SQLite database, which a second engine would not see.
+    """
+    url = make_url(db.url)
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:") or "mode=memory" in str(url.query):
+            return None
+        engine = create_engine(url.set(drivername="sqlite"), poolclass=NullPool)
+        event.listen(engine, "connect", _sqlite_pragmas)  # WAL, busy timeout, as the app's
+        return engine
+    return create_engine(url.set(drivername="postgresql+psycopg"), poolclass=NullPool)
+
+
+class Journal:
+    """One run's journal writes: each flush is one transaction (BEGIN, UPDATEs, COMMIT).
+
+    The transactions run on a synchronous connection of their own, in a thread of their
+    own: through the async drivers every statement is a separate wait for the event loop
+    (aiosqlite hands each call to its thread and wakes the loop with the result; psycopg
+    awaits every round trip), four to five per transaction. While the sessions keep the
+    loop busy each wait took 1-3 ms, so the "submitting" mark the sessions wait for took
+    5-15 ms (docs/benchmarks.md). Here the loop is woken once, when the commit is done.
+    An in-memory SQLite database, which another connection cannot see, keeps a pooled
+    async connection instead.
     """
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self._connection: AsyncConnection | None = None
+        self._sync: Connection | None = None
+        self._engine: Engine | None = None
+        self._thread: ThreadPoolExecutor | None = None
+        self._async_only = False
 
     async def write(self, marks: Sequence[int], outcomes: Sequence[Finish],
                     now: dt.datetime) -> None:
-        if self._connection is None:
-            self._connection = await self.db.engine.connect()
         try:
-            async with self._connection.begin():
-                await write_journal(self._connection, marks, outcomes, now)
+            if self._async_only:
+                await self._write_async(marks, outcomes, now)
+                return
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="outgoing-journal")
+            done = await asyncio.get_running_loop().run_in_executor(
+                self._thread, self._write_sync, marks, outcomes, now)
+            if not done:
+                self._async_only = True
+                await self._write_async(marks, outcomes, now)
         except BaseException:
             await self.close()  # a broken connection is not reused
             raise
+
+    def _write_sync(self, marks: Sequence[int], outcomes: Sequence[Finish],
+                    now: dt.datetime) -> bool:
+        """In the journal's thread; False when the database needs the async connection."""
+        if self._sync is None:
+            self._engine = self._engine or _sync_engine(self.db)
+            if self._engine is None:
+                return False
+            self._sync = self._engine.connect()
+        connection = self._sync
+        if connection.dialect.name == "postgresql":
+            # pipeline mode: BEGIN, the UPDATEs and COMMIT in one round trip to the server;
+            # the commit still waits for the result of every statement and the WAL flush
+            driver = connection.connection.driver_connection
+            assert driver is not None
+            with driver.pipeline(), connection.begin():
+                _write_journal(connection, marks, outcomes, now)
+        else:
+            with connection.begin():
+                _write_journal(connection, marks, outcomes, now)
+        return True
+
+    async def _write_async(self, marks: Sequence[int], outcomes: Sequence[Finish],
+                           now: dt.datetime) -> None:
+        if self._connection is None:
+            self._connection = await self.db.engine.connect()
+        async with self._connection.begin():
+            await write_journal(self._connection, marks, outcomes, now)
+
+    def _close_sync(self) -> None:
+        connection, self._sync = self._sync, None
+        engine, self._engine = self._engine, None
+        if connection is not None:
+            connection.close()
+        if engine is not None:
+            engine.dispose()
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
+        thread, self._thread = self._thread, None
+        if thread is not None:  # after any write still running in it
+            try:
+                await asyncio.get_running_loop().run_in_executor(thread, self._close_sync)
+            finally:
+                thread.shutdown(wait=False)
