@@ -176,17 +176,27 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+async def post_form(http: httpx.AsyncClient, url: str, form: Mapping[str, str], *,
+                    what: str) -> httpx.Response:
+    """POST a form to an authorization server; a transport failure as a typed error."""
+    try:
+        return await http.post(url, data=dict(form), headers={"Accept": "application/json"})
+    except httpx.TransportError as exc:
+        raise translate(exc.__cause__ or exc.__context__ or exc, _endpoint(url), what) from None
+
+
+def refusal(response: httpx.Response, *, what: str) -> SyncError:
+    """A non-200 answer of an authorization server as a typed error."""
+    return classify_token_error(response.status_code, response.content, what=what,
+                                retry_after=retry_after(response))
+
+
 async def request_token(http: httpx.AsyncClient, url: str, form: Mapping[str, str], *,
                         what: str) -> AccessToken:
     """POST ``form`` to the token endpoint; the answer as an `AccessToken`."""
-    try:
-        response = await http.post(url, data=dict(form),
-                                   headers={"Accept": "application/json"})
-    except httpx.TransportError as exc:
-        raise translate(exc.__cause__ or exc.__context__ or exc, _endpoint(url), what) from None
+    response = await post_form(http, url, form, what=what)
     if response.status_code != 200:
-        raise classify_token_error(response.status_code, response.content, what=what,
-                                   retry_after=retry_after(response))
+        raise refusal(response, what=what)
     return token_answer(response, what=what)
 
 
@@ -305,14 +315,9 @@ class DeviceCode:
 async def start_device_sign_in(http: httpx.AsyncClient, url: str, client_id: str, scope: str,
                                *, what: str) -> DeviceCode:
     """Ask the authorization server for a device code (RFC 8628 §3.1)."""
-    try:
-        response = await http.post(url, data={"client_id": client_id, "scope": scope},
-                                   headers={"Accept": "application/json"})
-    except httpx.TransportError as exc:
-        raise translate(exc.__cause__ or exc.__context__ or exc, _endpoint(url), what) from None
+    response = await post_form(http, url, {"client_id": client_id, "scope": scope}, what=what)
     if response.status_code != 200:
-        raise classify_token_error(response.status_code, response.content, what=what,
-                                   retry_after=retry_after(response))
+        raise refusal(response, what=what)
     try:
         data = response.json()
         return DeviceCode(
@@ -347,11 +352,7 @@ async def finish_device_sign_in(
             raise AuthError(f"{what}: the sign-in code {code.user_code} expired before the "
                             "user signed in", fix="start the sign-in again", code="sign-in-expired")
         await sleep(interval)
-        try:
-            response = await http.post(url, data=form, headers={"Accept": "application/json"})
-        except httpx.TransportError as exc:
-            raise translate(exc.__cause__ or exc.__context__ or exc, _endpoint(url),
-                            what) from None
+        response = await post_form(http, url, form, what=what)
         if response.status_code == 200:
             return token_answer(response, what=what)
         error = _error_name(response.content)
@@ -367,8 +368,7 @@ async def finish_device_sign_in(
         if error == "expired_token":
             raise AuthError(f"{what}: the sign-in code {code.user_code} expired",
                             fix="start the sign-in again", code="sign-in-expired")
-        raise classify_token_error(response.status_code, response.content, what=what,
-                                   retry_after=retry_after(response))
+        raise refusal(response, what=what)
 
 
 def _error_name(body: bytes) -> str:

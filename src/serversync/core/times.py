@@ -9,6 +9,11 @@ from __future__ import annotations
 import datetime as dt
 
 
+def utcnow() -> dt.datetime:
+    """Now, in UTC: the default clock of every service (tests pass their own)."""
+    return dt.datetime.now(dt.UTC)
+
+
 def as_utc(value: dt.datetime) -> dt.datetime:
     return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 

@@ -36,6 +36,7 @@ from serversync.core.model import (
     SyncMethod,
 )
 from serversync.core.signin import SignIn
+from serversync.core.times import utcnow as utcnow  # re-exported: the services import it here
 from serversync.manifest import (
     MailboxSpec,
     Manifest,
@@ -51,10 +52,6 @@ from serversync.store.repos import Repository
 
 Clock = Callable[[], dt.datetime]
 ProberRegistry = Mapping[tuple[ServerKind, Channel], Prober]
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from serversync.connectors.oauth import REFRESH_TOKENS, DeviceCode
 from serversync.core.errors import AuthError, NotFound, RuleViolation, SyncError
 from serversync.core.model import CredentialSource, Mailbox, Profile, ServerKind
 from serversync.core.signin import SignIn, SignInStatus
+from serversync.core.times import utcnow
 from serversync.store.db import Database
 from serversync.store.sign_ins import SignInStore
 
@@ -70,10 +71,6 @@ class _Superseded(Exception):
     """This attempt was replaced by a newer start or taken over: stop polling quietly."""
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 class SignIns:
     """Device-code sign-ins: start one, complete it in the background, read its state.
 
@@ -82,7 +79,7 @@ class SignIns:
     """
 
     def __init__(self, db: Database, options_for: Callable[[Profile], ConnectOptions],
-                 clock: Callable[[], dt.datetime] = _utcnow,
+                 clock: Callable[[], dt.datetime] = utcnow,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.db = db
         self.options_for = options_for

@@ -758,6 +758,17 @@ class _Run:
                 if client is not None:
                     await _close(client)
 
+    def _mark(self, premark: asyncio.Future[None] | None,
+              email_id: int) -> Callable[[], Awaitable[None]]:
+        """What `_submit` awaits before DATA: the durable "submitting" mark of ``email_id``,
+        or the one already on its way (``premark``) when the session marked it ahead."""
+        async def mark() -> None:
+            if premark is not None:
+                await premark
+            else:
+                await self.journal.submitting(email_id)
+        return mark
+
     def _premark(self, item: _Item) -> asyncio.Future[None]:
         future = asyncio.ensure_future(self.journal.submitting(item.claimed.email_id))
         # a failed mark is reported where it is awaited (before that email's DATA), or
@@ -814,12 +825,7 @@ class _Run:
                 f"{r.address}: {r.message}" for r in unreachable)), unreachable)
             return True
 
-        async def mark() -> None:
-            if premark is not None:
-                await premark
-            else:
-                await self.journal.submitting(claimed.email_id)
-
+        mark = self._mark(premark, claimed.email_id)
         try:
             submission = await _submit(client, sender, composed.recipients, composed.raw,
                                        smtputf8=composed.smtputf8, eightbit=composed.eightbit,
@@ -962,12 +968,7 @@ class _Run:
                 "was first sent with"))
             return True
 
-        async def mark() -> None:
-            if premark is not None:
-                await premark
-            else:
-                await self.journal.submitting(claimed.email_id)
-
+        mark = self._mark(premark, claimed.email_id)
         try:
             submission = await _submit(client, sender, recipients, raw, smtputf8=smtputf8,
                                        eightbit=eightbit, before_data=mark)
